@@ -1,0 +1,159 @@
+"""Turning a cell's text into code a runner can execute, as IPython would run it.
+
+IPython's own ``run_cell`` is not reentrant: it owns the execution count, the
+display hook and the history of *the* current cell. A background cell must not
+touch any of that, so it is compiled here with IPython's public pieces instead
+(``transform_cell`` for magics and ``!`` commands, the shell's caching compiler
+for ``__future__`` flags and tracebacks that show the cell's lines), and its
+last expression is split off so its value can become the job's result.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+from dataclasses import dataclass, field
+from types import CodeType, TracebackType
+from typing import Any
+
+__all__ = ["CompiledCell", "cell_traceback_start", "compile_cell"]
+
+
+@dataclass
+class CompiledCell:
+    """A cell split into its statements and its last expression (if it ends in one)."""
+
+    source: str
+    filename: str
+    body: CodeType | None
+    last_expr: CodeType | None
+    is_async: bool
+    #: Names a top-level statement of the cell binds (assignments, imports, def, class, for).
+    assigned: list[str] = field(default_factory=list)
+
+    def _codes(self) -> list[tuple[CodeType, bool]]:
+        codes = []
+        if self.body is not None:
+            codes.append((self.body, False))
+        if self.last_expr is not None:
+            codes.append((self.last_expr, True))
+        return codes
+
+    def run(self, namespace: dict[str, Any]) -> Any:
+        """Run in the calling thread; an async cell gets an event loop of its own."""
+        if self.is_async:
+            return asyncio.run(self.run_async(namespace))
+        value = None
+        for code, is_expr in self._codes():
+            result = eval(code, namespace)  # noqa: S307 - running the user's own cell is the point
+            if is_expr:
+                value = result
+        return value
+
+    async def run_async(self, namespace: dict[str, Any]) -> Any:
+        """Run as a coroutine on the running loop, awaiting top-level ``await``s."""
+        value = None
+        for code, is_expr in self._codes():
+            result = eval(code, namespace)  # noqa: S307
+            if code.co_flags & inspect.CO_COROUTINE:
+                result = await result
+            if is_expr:
+                value = result
+        return value
+
+
+def _bound_names(node: ast.AST) -> list[str]:
+    names: list[str] = []
+    if isinstance(node, ast.Name):
+        names.append(node.id)
+    elif isinstance(node, (ast.Tuple, ast.List)):
+        for elt in node.elts:
+            names.extend(_bound_names(elt))
+    elif isinstance(node, ast.Starred):
+        names.extend(_bound_names(node.value))
+    return names
+
+
+def assigned_names(module: ast.Module) -> list[str]:
+    """Names bound by the module's top-level statements, in order, without repeats.
+
+    Top level means what the cell's own namespace receives: assignments, ``for``
+    and ``with`` targets, imports, ``def`` and ``class``, including those nested
+    in top-level ``if``/``try``/``for``/``while``/``with`` blocks.
+    """
+    names: list[str] = []
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for stmt in statements:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(stmt.name)
+            elif isinstance(stmt, ast.Assign):
+                for target in stmt.targets:
+                    names.extend(_bound_names(target))
+            elif isinstance(stmt, (ast.AugAssign, ast.AnnAssign)):
+                names.extend(_bound_names(stmt.target))
+            elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                for alias in stmt.names:
+                    if alias.name != "*":
+                        names.append(alias.asname or alias.name.split(".")[0])
+            elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+                names.extend(_bound_names(stmt.target))
+                visit(stmt.body)
+                visit(stmt.orelse)
+            elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+                for item in stmt.items:
+                    if item.optional_vars is not None:
+                        names.extend(_bound_names(item.optional_vars))
+                visit(stmt.body)
+            elif isinstance(stmt, ast.While):
+                visit(stmt.body)
+                visit(stmt.orelse)
+            elif isinstance(stmt, ast.If):
+                visit(stmt.body)
+                visit(stmt.orelse)
+            elif isinstance(stmt, ast.Try) or type(stmt).__name__ == "TryStar":
+                visit(stmt.body)  # type: ignore[attr-defined]
+                for handler in stmt.handlers:  # type: ignore[attr-defined]
+                    if handler.name:
+                        names.append(handler.name)
+                    visit(handler.body)
+                visit(stmt.orelse)  # type: ignore[attr-defined]
+                visit(stmt.finalbody)  # type: ignore[attr-defined]
+
+    visit(module.body)
+    return list(dict.fromkeys(names))
+
+
+def compile_cell(shell: Any, raw_cell: str, number: int) -> CompiledCell:
+    """Compile a cell's text like IPython would, for running in the background.
+
+    `number` names the cell in tracebacks (the execution count of the cell that
+    started the job). Raises SyntaxError for code that does not compile.
+    """
+    source = shell.transform_cell(raw_cell)
+    filename = shell.compile.cache(source, number, raw_cell)
+    module = ast.parse(source, filename=filename)
+    flags = shell.compile.flags | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    last: ast.expr | None = None
+    if module.body and isinstance(module.body[-1], ast.Expr):
+        last = module.body.pop().value  # type: ignore[attr-defined]
+    assigned = assigned_names(module)
+
+    def build(node: ast.mod, mode: str) -> CodeType:
+        return compile(node, filename, mode, flags=flags, dont_inherit=True)
+
+    body = build(module, "exec") if module.body else None
+    last_expr = build(ast.Expression(last), "eval") if last is not None else None
+    is_async = any(code.co_flags & inspect.CO_COROUTINE for code in (body, last_expr) if code is not None)
+    return CompiledCell(source, filename, body, last_expr, is_async, assigned)
+
+
+def cell_traceback_start(tb: TracebackType | None, filename: str) -> TracebackType | None:
+    """The first traceback entry in the cell itself: polycell's own frames are noise."""
+    entry = tb
+    while entry is not None:
+        if entry.tb_frame.f_code.co_filename == filename:
+            return entry
+        entry = entry.tb_next
+    return tb

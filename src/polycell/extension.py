@@ -1,0 +1,171 @@
+"""The IPython side of polycell: starting cells as jobs and wiring their output to Jupyter.
+
+``%load_ext polycell`` makes one `Polycell` for the shell. It owns the output
+router (job output -> journal), the iopub publisher (journal -> the cell's
+messages) and the magics, and it shares the process-wide `jobs` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import uuid
+from typing import Any
+
+from IPython.display import display
+
+from polycell import view
+from polycell.cell import CompiledCell, compile_cell
+from polycell.iopub import IOPubPublisher
+from polycell.job import Job, JobError, JobKilled
+from polycell.job_table import MODES, JobTable, jobs
+from polycell.routing import OutputRouter, write_error, write_result
+
+__all__ = ["Polycell", "load_ipython_extension", "unload_ipython_extension"]
+
+
+class JobHandle:
+    """What ``%%bg`` shows: the job's id, name, mode and status, kept up to date."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.display_id = f"polycell-{job.id}-{uuid.uuid4().hex[:8]}"
+
+    def bundle(self) -> dict[str, str]:
+        return {"text/plain": view.handle_text(self.job), "text/html": view.handle_html(self.job)}
+
+
+class Polycell:
+    """polycell loaded into one IPython shell."""
+
+    def __init__(self, shell: Any, table: JobTable = jobs) -> None:
+        self.shell = shell
+        self.jobs = table
+        self.kernel = getattr(shell, "kernel", None)
+        if self.kernel is None:
+            raise JobError("polycell needs a Jupyter kernel (ipykernel); this IPython has none")
+        self.router = OutputRouter(shell)
+        self.publisher = IOPubPublisher(self.kernel.session, self.kernel.iopub_socket)
+
+    def start(self) -> None:
+        from polycell.magics import PolycellMagics
+
+        self.router.install()
+        self.shell.register_magics(PolycellMagics(self.shell, self))
+        self.shell.user_ns["jobs"] = self.jobs
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End every job and stop routing; idempotent."""
+        self.jobs.shutdown()
+        self.publisher.flush(2)
+        self.publisher.close()
+        self.router.uninstall()
+
+    # -- starting jobs -------------------------------------------------------------------
+
+    def current_execution_count(self) -> int:
+        """The number of the cell running now (IPython 8 and 9 count at different times)."""
+        running = getattr(self.shell.displayhook, "exec_result", None)
+        count = getattr(running, "execution_count", None)
+        return count if isinstance(count, int) else self.shell.execution_count
+
+    def choose_mode(self, cell: CompiledCell, mode: str | None) -> str:
+        if mode is None:
+            return "task" if cell.is_async else "thread"
+        if mode not in MODES:
+            raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        return mode
+
+    def run_cell(self, raw_cell: str, *, mode: str | None = None, name: str | None = None) -> Job | None:
+        """Start a cell as a background job of the current cell; None if it does not compile."""
+        if not raw_cell.strip():
+            raise JobError("%%bg: the cell is empty; put the code to run in the background below %%bg")
+        count = self.current_execution_count()
+        try:
+            cell = compile_cell(self.shell, raw_cell, count)
+        except SyntaxError:
+            self.shell.showsyntaxerror()
+            return None
+        mode = self.choose_mode(cell, mode)
+        job = self.jobs.new_job(mode, name=name, source=raw_cell)
+        namespace = self.shell.user_ns
+        shell = self.shell
+
+        def fail(exc: BaseException) -> None:
+            if not isinstance(exc, (JobKilled, asyncio.CancelledError)):
+                write_error(job, shell, exc, cell.filename)
+
+        body: Any
+        if mode == "task":
+
+            async def body() -> Any:
+                try:
+                    value = await cell.run_async(namespace)
+                except BaseException as exc:
+                    fail(exc)
+                    raise
+                write_result(job, shell, value, count)
+                return value
+
+        else:
+
+            def body() -> Any:
+                try:
+                    value = cell.run(namespace)
+                except BaseException as exc:
+                    fail(exc)
+                    raise
+                write_result(job, shell, value, count)
+                return value
+
+        self.attach(job)
+        self.jobs.runner(mode).submit(job, body)
+        return job
+
+    def attach(self, job: Job) -> None:
+        """Show the job's handle in the current cell and send its output there, live."""
+        self._follow(job, replay=False)
+
+    def show(self, job: Job) -> None:
+        """Replay a job's journal into the current cell, then follow it live."""
+        self._follow(job, replay=True)
+
+    def _follow(self, job: Job, *, replay: bool) -> None:
+        parent = self.shell.parent_header
+        handle = JobHandle(job)
+        display(handle.bundle(), raw=True, display_id=handle.display_id)
+
+        def update() -> None:
+            content = {
+                "data": handle.bundle(),
+                "metadata": {},
+                "transient": {"display_id": handle.display_id},
+            }
+            self.publisher.send(job.id, parent, {"msg_type": "update_display_data", "content": content})
+
+        job.add_state_listener(lambda changed: None if changed.done else update())
+        # The final update is sent after the job's last output, so the handle never
+        # says "done" while its traceback is still on its way.
+        self.publisher.follow(job, parent, replay=replay, on_end=update)
+
+
+_loaded: dict[int, Polycell] = {}
+
+
+def load_ipython_extension(shell: Any) -> None:
+    if id(shell) in _loaded:
+        return
+    polycell = Polycell(shell)
+    polycell.start()
+    _loaded[id(shell)] = polycell
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    polycell = _loaded.pop(id(shell), None)
+    if polycell is not None:
+        polycell.close()
+
+
+def loaded(shell: Any) -> Polycell | None:
+    return _loaded.get(id(shell))

@@ -1,0 +1,148 @@
+"""Sending a job's journal to Jupyter clients, as iopub messages of the right cell.
+
+Each follower of a job's journal is a (job, parent header) pair: the cell that
+started the job, and every cell that ran ``%job show N`` later. Records are
+queued here by the writing thread and sent by one publisher thread, which
+merges consecutive stream text for the same cell, so a job printing in a tight
+loop produces a few messages per flush rather than one per line, in order.
+
+Every message carries ``metadata.polycell.job = N`` so front ends and tools can
+tell whose output it is.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from polycell.job import Job
+from polycell.journal import Record, Subscription
+
+__all__ = ["IOPubPublisher"]
+
+_STOP = object()
+#: Merged stream text is sent once it reaches this size even if more is queued.
+_MAX_MESSAGE_CHARS = 256_000
+
+
+class IOPubPublisher:
+    """Publishes job output on a kernel's iopub socket from a thread of its own."""
+
+    def __init__(self, session: Any, socket: Any) -> None:
+        self.session = session
+        self.socket = socket
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="polycell-iopub", daemon=True)
+        self._thread.start()
+        self._followers: list[Subscription] = []
+
+    # -- public ----------------------------------------------------------------------
+
+    def follow(
+        self, job: Job, parent: dict[str, Any], *, replay: bool, on_end: Callable[[], None] | None = None
+    ) -> Subscription:
+        """Send job's output to the cell of `parent`: what it has so far if `replay`, then live.
+
+        `on_end` runs in the publisher thread after the job's last record was sent.
+        """
+
+        def enqueue(record: Record | None) -> None:
+            self._queue.put((job.id, parent, record, on_end))
+
+        sub = job.journal.follow(enqueue)
+        if replay:
+            for record in sub.snapshot:
+                self._queue.put((job.id, parent, record, None))
+        if sub.ended and on_end is not None:
+            self._queue.put((job.id, parent, None, on_end))
+        self._followers.append(sub)
+        return sub
+
+    def send(self, job_id: int, parent: dict[str, Any], record: Record) -> None:
+        """Queue one record for a cell, in order with the job's journal output."""
+        self._queue.put((job_id, parent, record, None))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far has been handed to the socket."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        for sub in self._followers:
+            sub.cancel()
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # -- the publisher thread ------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if self._publish_batch(items):
+                return
+
+    def _publish_batch(self, items: list[Any]) -> bool:
+        """Send a batch; True when the publisher was asked to stop."""
+        pending: tuple[int, dict[str, Any], str] | None = None
+        texts: list[str] = []
+        size = 0
+
+        def flush_stream() -> None:
+            nonlocal pending, texts, size
+            if pending is not None:
+                job_id, parent, name = pending
+                self._send(job_id, parent, "stream", {"name": name, "text": "".join(texts)})
+            pending, texts, size = None, [], 0
+
+        for item in items:
+            if item is _STOP:
+                flush_stream()
+                return True
+            if isinstance(item, threading.Event):
+                flush_stream()
+                item.set()
+                continue
+            job_id, parent, record, on_end = item
+            if record is None:
+                flush_stream()
+                if on_end is not None:
+                    on_end()
+                continue
+            if record["msg_type"] == "stream":
+                key = (job_id, parent["msg_id"] if parent else "", record["content"]["name"])
+                if pending is None or (pending[0], pending[1].get("msg_id", ""), pending[2]) != key:
+                    flush_stream()
+                    pending = (job_id, parent, record["content"]["name"])
+                texts.append(record["content"]["text"])
+                size += len(texts[-1])
+                if size >= _MAX_MESSAGE_CHARS:
+                    flush_stream()
+            else:
+                flush_stream()
+                self._send(job_id, parent, record["msg_type"], record["content"])
+        flush_stream()
+        return False
+
+    def _send(self, job_id: int, parent: dict[str, Any], msg_type: str, content: dict[str, Any]) -> None:
+        topic = f"stream.{content['name']}" if msg_type == "stream" else msg_type
+        try:
+            self.session.send(
+                self.socket,
+                msg_type,
+                content,
+                parent=parent,
+                metadata={"polycell": {"job": job_id}},
+                ident=topic.encode(),
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop all output
+            import sys
+
+            print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)

@@ -1,0 +1,258 @@
+"""The nouns of the job engine: a `Job`, its states, and the `Runner` that runs it.
+
+Shaped like ``concurrent.futures._base``: this module says what a job *is*; each
+runner module (`thread`, `task`, `process`) says how one mode runs it. Nothing
+here knows about Jupyter: output is whatever a runner writes into the job's
+`OutputJournal`, and the IPython layer decides where it goes from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import enum
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
+from typing import Any
+
+from polycell.journal import OutputJournal
+
+__all__ = [
+    "Job",
+    "JobError",
+    "JobKilled",
+    "JobState",
+    "KillOutcome",
+    "Runner",
+    "current_job",
+]
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    KILLED = "killed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.KILLED)
+
+
+class JobError(Exception):
+    """A user-facing error about jobs: its message is meant to be shown as one line."""
+
+
+class JobKilled(BaseException):
+    """Raised inside a job to stop it.
+
+    A `BaseException`, like `KeyboardInterrupt`, so that the ``except Exception``
+    blocks of user code do not swallow a kill.
+    """
+
+
+class KillOutcome(str, enum.Enum):
+    KILLED = "killed"
+    STILL_BLOCKED = "kill requested, still blocked"
+    ALREADY_ENDED = "already ended"
+
+
+#: The job whose code is running in the current thread or task, if any. Runners
+#: set it in the context a job runs in; the output routing layer reads it to
+#: decide whether a ``print`` belongs to a job or to the foreground cell.
+current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar("polycell_current_job", default=None)
+
+
+class Job:
+    """One piece of code running in the background, and everything known about it.
+
+    A job is created by a runner's `submit`. Its state moves only forward:
+    pending -> running -> done | failed | killed (a pending job may be killed
+    before it runs). The transitions are made by the runner through the
+    ``_set_*`` methods; everything else is for users.
+    """
+
+    def __init__(
+        self,
+        job_id: int,
+        *,
+        mode: str,
+        name: str | None = None,
+        source: str = "",
+        journal: OutputJournal | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = job_id
+        self.name = name or f"job-{job_id}"
+        self.mode = mode
+        self.source = source
+        self.journal = journal if journal is not None else OutputJournal()
+        #: Free-form facts a runner or front end wants shown (worker address, pid...).
+        self.info: dict[str, Any] = info or {}
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.kill_requested = False
+        self._state = JobState.PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._lock = threading.Lock()
+        self._state_listeners: list[Callable[[Job], None]] = []
+        self.runner: Runner | None = None
+
+    # -- what users read -------------------------------------------------------
+
+    @property
+    def status(self) -> JobState:
+        return self._state
+
+    @property
+    def done(self) -> bool:
+        return self._state.ended
+
+    @property
+    def result(self) -> Any:
+        """The value of the job's last expression once it is done, else None."""
+        return self._result
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception that failed (or killed) the job, else None."""
+        return self._exception
+
+    @property
+    def output(self) -> str:
+        """All text the job wrote to stdout and stderr so far, in order."""
+        return self.journal.text()
+
+    @property
+    def elapsed(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at if self.ended_at is not None else time.time()
+        return end - self.started_at
+
+    def last_line(self) -> str:
+        for line in reversed(self.output.splitlines()):
+            if line.strip():
+                return line.strip()
+        return ""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has ended; True if it did, False on timeout."""
+        try:
+            concurrent.futures.wait([self._future], timeout=timeout)
+        except concurrent.futures.CancelledError:  # pragma: no cover - never cancelled
+            pass
+        return self.done
+
+    def kill(self, timeout: float = 0.5) -> KillOutcome:
+        """Stop the job; wait up to `timeout` seconds to see it end.
+
+        Returns `KillOutcome.STILL_BLOCKED` when the runner asked the job to stop
+        but it did not end in time (a thread stuck in C code, a dask task that
+        already started): it will be marked killed as soon as it does stop.
+        """
+        with self._lock:
+            if self._state.ended:
+                return KillOutcome.ALREADY_ENDED
+            self.kill_requested = True
+        if self.runner is None:
+            self._set_killed()
+            return KillOutcome.KILLED
+        self.runner.kill(self)
+        if self.wait(timeout):
+            return KillOutcome.KILLED if self._state is JobState.KILLED else KillOutcome.ALREADY_ENDED
+        return KillOutcome.STILL_BLOCKED
+
+    def add_state_listener(self, listener: Callable[[Job], None]) -> None:
+        """Call `listener(job)` after every state change, from the thread that made it."""
+        self._state_listeners.append(listener)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await job`` gives its result, or raises its exception, from any loop."""
+        return asyncio.wrap_future(self._future).__await__()
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.name!r} mode={self.mode} status={self._state}>"
+
+    # -- transitions, made by runners --------------------------------------------
+
+    def _set_running(self) -> bool:
+        """Mark the job running; False if it was killed before it could start."""
+        with self._lock:
+            if self._state is not JobState.PENDING:
+                return False
+            self._state = JobState.RUNNING
+            self.started_at = time.time()
+        self._notify()
+        return True
+
+    def _set_result(self, value: Any) -> None:
+        self._end(JobState.DONE, result=value)
+
+    def _set_exception(self, exc: BaseException) -> None:
+        self._end(JobState.FAILED, exception=exc)
+
+    def _set_killed(self, exc: BaseException | None = None) -> None:
+        self._end(JobState.KILLED, exception=exc or JobKilled(f"job {self.id} was killed"))
+
+    def _end(self, state: JobState, *, result: Any = None, exception: BaseException | None = None) -> None:
+        with self._lock:
+            if self._state.ended:
+                return
+            self._state = state
+            self._result = result
+            self._exception = exception
+            now = time.time()
+            self.ended_at = now
+            if self.started_at is None:
+                self.started_at = now
+        self.journal.close()
+        self._notify()
+        if exception is None:
+            self._future.set_result(result)
+        else:
+            self._future.set_exception(exception)
+
+    def _notify(self) -> None:
+        for listener in list(self._state_listeners):
+            listener(self)
+
+
+class Runner(ABC):
+    """Runs jobs of one mode. One instance per mode per kernel, made on first use."""
+
+    mode: str
+
+    def _prepare(self, job: Job) -> contextvars.Context:
+        """The context the job's code runs in: the caller's, with `current_job` set.
+
+        Copying the submitting context is what makes output land in the right
+        cell: ipykernel keeps the parent header of the cell being executed in
+        context variables, and a job's context is born from its cell's.
+        """
+        job.runner = self
+        context = contextvars.copy_context()
+        context.run(current_job.set, job)
+        return context
+
+    @abstractmethod
+    def submit(self, job: Job, body: Any) -> Job:
+        """Start running `body` as `job` and return at once."""
+
+    @abstractmethod
+    def kill(self, job: Job) -> None:
+        """Ask the job to stop; must not block on the job ending."""
+
+    @abstractmethod
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Kill what runs and release threads, loops and processes."""

@@ -1,0 +1,125 @@
+"""`jobs`: every job of this kernel by id, and the runners that run them.
+
+One `JobTable` per process (`polycell.jobs`); the magics, the kernel and the
+command line all go through it. Runners are made on first use of their mode, so
+a kernel that never starts a process job never pays for one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from polycell import view
+from polycell.job import Job, JobError, Runner
+from polycell.journal import DEFAULT_MAX_CHARS, OutputJournal
+
+__all__ = ["MODES", "JobTable", "jobs"]
+
+#: mode -> "module:Runner class"; a mode is importable only when used.
+MODES: dict[str, str] = {
+    "thread": "polycell.thread:ThreadRunner",
+    "task": "polycell.task:TaskRunner",
+}
+
+
+class JobTable:
+    """The jobs of this kernel: ``jobs[3]``, ``len(jobs)``, ``for job in jobs``."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._runners: dict[str, Runner] = {}
+        self._lock = threading.Lock()
+        #: Cap, in characters, on each new job's journal kept in memory.
+        self.journal_max_chars = DEFAULT_MAX_CHARS
+
+    # -- lookup ----------------------------------------------------------------------
+
+    def __getitem__(self, job_id: int) -> Job:
+        try:
+            return self._jobs[int(job_id)]
+        except (KeyError, ValueError, TypeError):
+            raise JobError(self._unknown(job_id)) from None
+
+    def _unknown(self, job_id: object) -> str:
+        if not self._jobs:
+            return f"no job {job_id}: no job has been started yet"
+        return f"no job {job_id}: known jobs are {min(self._jobs)}-{max(self._jobs)}"
+
+    def get(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._jobs
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def running(self) -> list[Job]:
+        return [job for job in self if not job.done]
+
+    # -- starting ----------------------------------------------------------------------
+
+    def runner(self, mode: str) -> Runner:
+        """The runner for `mode`, made on first use."""
+        with self._lock:
+            runner = self._runners.get(mode)
+            if runner is None:
+                if mode not in MODES:
+                    raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+                module_name, _, class_name = MODES[mode].partition(":")
+                runner_class = getattr(importlib.import_module(module_name), class_name)
+                runner = self._runners[mode] = runner_class()
+            return runner
+
+    def new_job(self, mode: str, *, name: str | None = None, source: str = "", **info: Any) -> Job:
+        """Register a pending job; the caller hands it to `runner(mode).submit`."""
+        if mode not in MODES:
+            raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        with self._lock:
+            job_id = next(self._ids)
+            job = Job(
+                job_id,
+                mode=mode,
+                name=name,
+                source=source,
+                journal=OutputJournal(max_chars=self.journal_max_chars),
+                info=info,
+            )
+            self._jobs[job_id] = job
+        return job
+
+    def submit(self, mode: str, body: Any, *, name: str | None = None, source: str = "") -> Job:
+        """Start `body` as a new job of `mode`; returns the job at once."""
+        runner = self.runner(mode)
+        job = self.new_job(mode, name=name, source=source)
+        return runner.submit(job, body)
+
+    def shutdown(self, timeout: float = 2.0) -> list[Job]:
+        """Kill every running job and stop every runner; returns the jobs that were running."""
+        running = self.running()
+        for job in running:
+            job.kill_requested = True
+        with self._lock:
+            runners, self._runners = list(self._runners.values()), {}
+        for runner in runners:
+            runner.shutdown(timeout)
+        return running
+
+    # -- display ----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return view.jobs_text(list(self))
+
+    def _repr_html_(self) -> str:
+        return view.jobs_html(list(self))
+
+
+jobs = JobTable()

@@ -1,0 +1,146 @@
+"""Output routing: what a job writes goes to its journal, never to the foreground cell.
+
+``print`` writes to ``sys.stdout`` and ``display`` calls the shell's display
+publisher, whichever thread or task they run in. While the extension is loaded
+both are wrapped: when `current_job` is set in the calling context (a runner
+sets it for the job's code), the output becomes a record in that job's
+journal; otherwise it goes where it always went. The journal's followers
+(`polycell.iopub`) then send it to the cell that started the job.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from polycell.job import Job, current_job
+
+__all__ = ["JobAwareStream", "OutputRouter"]
+
+
+class JobAwareStream:
+    """Stands in for ``sys.stdout``/``sys.stderr``: job output to the job, the rest through.
+
+    Every attribute it does not define (``set_parent``, ``fileno``, ``encoding``,
+    ipykernel's ``OutStream`` internals) is the wrapped stream's.
+    """
+
+    def __init__(self, name: str, inner: TextIO) -> None:
+        self._polycell_name = name
+        self._polycell_inner = inner
+
+    def write(self, text: str) -> int:
+        job = current_job.get()
+        if job is None:
+            return self._polycell_inner.write(text)
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        job.journal.write(self._polycell_name, text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if current_job.get() is None:
+            self._polycell_inner.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._polycell_inner, name)
+
+
+def _display_record(
+    data: dict[str, Any], metadata: dict[str, Any] | None, transient: dict[str, Any] | None, update: bool
+) -> dict[str, Any]:
+    content = {"data": data, "metadata": metadata or {}, "transient": transient or {}}
+    return {"msg_type": "update_display_data" if update else "display_data", "content": content}
+
+
+class OutputRouter:
+    """Installs and removes the wrappers on one shell; one per loaded extension."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self._installed = False
+        self._saved: dict[str, Any] = {}
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            self._saved[name] = stream
+            setattr(sys, name, JobAwareStream(name, stream))
+        pub = self.shell.display_pub
+        original_publish, original_clear = pub.publish, pub.clear_output
+        self._saved["display_pub"] = (pub, original_publish, original_clear)
+
+        def publish(
+            data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any, **kwargs: Any
+        ) -> None:
+            job = current_job.get()
+            if job is None:
+                return original_publish(data, metadata, *args, **kwargs)
+            job.journal.append(
+                _display_record(data, metadata, kwargs.get("transient"), bool(kwargs.get("update")))
+            )
+            return None
+
+        def clear_output(wait: bool = False) -> None:
+            job = current_job.get()
+            if job is None:
+                return original_clear(wait)
+            job.journal.append({"msg_type": "clear_output", "content": {"wait": wait}})
+            return None
+
+        pub.publish = publish
+        pub.clear_output = clear_output
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        for name in ("stdout", "stderr"):
+            current = getattr(sys, name)
+            if isinstance(current, JobAwareStream):
+                setattr(sys, name, self._saved[name])
+        pub, _publish, _clear = self._saved["display_pub"]
+        # Dropping the instance attributes uncovers the class's own methods again.
+        pub.__dict__.pop("publish", None)
+        pub.__dict__.pop("clear_output", None)
+        self._installed = False
+
+
+def write_result(job: Job, shell: Any, value: Any, execution_count: int) -> None:
+    """Record the value of a job's last expression as its cell's ``Out[n]``."""
+    if value is None:
+        return
+    data, metadata = shell.display_formatter.format(value)
+    if not data:
+        return
+    job.journal.append(
+        {
+            "msg_type": "execute_result",
+            "content": {"data": data, "metadata": metadata, "execution_count": execution_count},
+        }
+    )
+
+
+def write_error(job: Job, shell: Any, exc: BaseException, cell_filename: str) -> None:
+    """Record an exception with IPython's usual traceback, starting at the cell's own frame."""
+    from polycell.cell import cell_traceback_start
+
+    tb = cell_traceback_start(exc.__traceback__, cell_filename)
+    try:
+        stb = shell.InteractiveTB.structured_traceback(type(exc), exc, tb)
+    except Exception:  # noqa: BLE001 - a broken formatter must not lose the error
+        import traceback
+
+        stb = traceback.format_exception(type(exc), exc, tb)
+    job.journal.append(
+        {
+            "msg_type": "error",
+            "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": stb},
+        }
+    )

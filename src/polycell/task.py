@@ -1,0 +1,117 @@
+"""Task mode: a job is an asyncio task on an event loop of its own thread.
+
+The kernel's own loop stops whenever a foreground cell blocks (``time.sleep(10)``
+holds the main thread), so tasks run on a separate loop, in a daemon thread
+started on first use. Tasks share the notebook's namespace and the GIL; they
+make progress whenever the foreground is waiting or doing I/O. Kill is
+cancellation. Asyncio objects bound to the kernel's loop (made in a
+foreground cell) cannot be awaited from here; that is asyncio's rule, not ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from polycell.job import Job, JobKilled, Runner
+
+__all__ = ["TaskRunner"]
+
+
+class TaskRunner(Runner):
+    mode = "task"
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The runner's event loop, started on first use."""
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+                thread = threading.Thread(
+                    target=self._serve, args=(loop, ready), name="polycell-task-loop", daemon=True
+                )
+                thread.start()
+                ready.wait(10)
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def submit(self, job: Job, body: Callable[[], Awaitable[Any]]) -> Job:
+        context = self._prepare(job)
+        loop = self.loop
+
+        def start() -> None:
+            # Created inside `context`, the task runs in a copy of it.
+            task = context.run(loop.create_task, self._run(job, body), name=f"polycell-job-{job.id}")
+            self._tasks[job.id] = task
+            # A task cancelled before its first step never enters `_run`.
+            task.add_done_callback(lambda t: job._set_killed() if t.cancelled() else None)
+
+        loop.call_soon_threadsafe(start)
+        return job
+
+    async def _run(self, job: Job, body: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            if not job._set_running():
+                return
+            value = await body()
+        except (asyncio.CancelledError, JobKilled) as exc:
+            job._set_killed(exc if isinstance(exc, JobKilled) else None)
+        except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
+            job._set_exception(exc)
+        else:
+            job._set_result(value)
+        finally:
+            self._tasks.pop(job.id, None)
+
+    def kill(self, job: Job) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            job._set_killed()
+            return
+
+        def cancel() -> None:
+            task = self._tasks.get(job.id)
+            if task is not None:
+                task.cancel()
+            elif not job.done:
+                job._set_killed()
+
+        loop.call_soon_threadsafe(cancel)
+
+    def running_tasks(self) -> int:
+        return len(self._tasks)
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+
+        async def stop() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(stop(), loop)
+        thread.join(timeout)

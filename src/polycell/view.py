@@ -1,0 +1,123 @@
+"""How jobs look: the ``%jobs`` table and a job's handle, as plain text and HTML.
+
+Plain text goes to terminals (jupyter console, ``polycell jobs``) and HTML to
+notebooks; both are built from the same rows so they never disagree.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from polycell.job import Job, JobState
+
+__all__ = ["format_elapsed", "handle_html", "handle_text", "job_row", "jobs_html", "jobs_text"]
+
+COLUMNS = ("id", "name", "mode", "status", "elapsed", "last output")
+_STATUS_COLOURS = {
+    JobState.PENDING: "#6c757d",
+    JobState.RUNNING: "#0d6efd",
+    JobState.DONE: "#198754",
+    JobState.FAILED: "#dc3545",
+    JobState.KILLED: "#fd7e14",
+}
+_LAST_LINE_WIDTH = 60
+
+
+def format_elapsed(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def status_text(job: Job) -> str:
+    if job.kill_requested and not job.done:
+        return "killing"
+    return str(job.status)
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    """One job as a plain dict: a table row, and the ``--json`` form of the CLI."""
+    last = job.last_line()
+    if len(last) > _LAST_LINE_WIDTH:
+        last = last[: _LAST_LINE_WIDTH - 1] + "…"
+    return {
+        "id": job.id,
+        "name": job.name,
+        "mode": job.mode,
+        "status": status_text(job),
+        "elapsed": round(job.elapsed, 3),
+        "last_output": last,
+        "info": {k: v for k, v in job.info.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [
+        str(row["id"]),
+        row["name"],
+        row["mode"],
+        row["status"],
+        format_elapsed(row["elapsed"]),
+        row["last_output"],
+    ]
+
+
+def jobs_text(jobs: Sequence[Job], extra: Sequence[str] = ()) -> str:
+    if not jobs:
+        return "\n".join(["no jobs", *extra])
+    rows = [list(COLUMNS)] + [_cells(job_row(job)) for job in jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([*lines, *extra])
+
+
+def _badge(job: Job) -> str:
+    colour = _STATUS_COLOURS[job.status]
+    return (
+        f'<span style="color:white;background:{colour};border-radius:3px;'
+        f'padding:0 4px;font-size:90%">{html.escape(status_text(job))}</span>'
+    )
+
+
+def jobs_html(jobs: Sequence[Job], extra: Sequence[str] = ()) -> str:
+    if not jobs:
+        body = "<p><i>no jobs</i></p>"
+    else:
+        head = "".join(f"<th style='text-align:left'>{c}</th>" for c in COLUMNS)
+        rows = []
+        for job in jobs:
+            cells = _cells(job_row(job))
+            cells_html = [html.escape(c) for c in cells]
+            cells_html[3] = _badge(job)
+            cells_html[5] = f"<code>{cells_html[5]}</code>"
+            rows.append(
+                "<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells_html) + "</tr>"
+            )
+        body = (
+            f"<table class='polycell-jobs'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+    tail = "".join(f"<div><small>{html.escape(line)}</small></div>" for line in extra)
+    return body + tail
+
+
+def handle_text(job: Job) -> str:
+    text = f"[polycell] job {job.id} '{job.name}' ({job.mode}): {status_text(job)}"
+    if job.done:
+        text += f" after {format_elapsed(job.elapsed)}"
+    return text
+
+
+def handle_html(job: Job) -> str:
+    elapsed = f" after {format_elapsed(job.elapsed)}" if job.done else ""
+    return (
+        f"<div class='polycell-handle' data-job='{job.id}' style='font-family:monospace'>"
+        f"⧉ job <b>{job.id}</b> <i>{html.escape(job.name)}</i> ({html.escape(job.mode)}) "
+        f"{_badge(job)}{html.escape(elapsed)}</div>"
+    )
