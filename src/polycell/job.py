@@ -41,6 +41,9 @@ class JobState(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:
+        return repr(self.value)
+
     @property
     def ended(self) -> bool:
         return self in (JobState.DONE, JobState.FAILED, JobState.KILLED)
@@ -216,6 +219,8 @@ class Job:
             self.ended_at = now
             if self.started_at is None:
                 self.started_at = now
+        if state is JobState.KILLED:
+            self.journal.write("stderr", f"[job {self.id} killed after {self.elapsed:.2f}s]\n")
         self.journal.close()
         self._notify()
         if exception is None:

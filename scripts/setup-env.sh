@@ -1,0 +1,15 @@
+# Sourced by scripts/demo and scripts/test: makes .venv and installs polycell with the
+# extras named in POLYCELL_EXTRAS. Needs only python3 (with venv and pip) on the machine.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV" || {
+        echo "python3 -m venv failed: install Debian's python3-venv (apt-get install -y python3-venv)" >&2
+        exit 1
+    }
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
+"$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[$POLYCELL_EXTRAS]"
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,179 @@
+"""A real kernel, started with jupyter_client, and the messages it sends.
+
+Tests talk to kernels the way front ends do: execute requests on the shell
+channel, everything else observed on iopub. A background thread records every
+iopub message so a test can wait for the one it needs (by predicate, with a
+timeout) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import KernelManager
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+Msg = dict[str, Any]
+
+
+def kernel_env() -> dict[str, str]:
+    """The environment for kernels under test: this checkout's polycell comes first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    return env
+
+
+class KernelSession:
+    """One running kernel and a client connected to it."""
+
+    def __init__(self, argv: list[str] | None = None, *, load_ext: bool = True) -> None:
+        self.km = KernelManager()
+        argv = argv or [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        self.km._kernel_spec = KernelSpec(argv=argv, display_name="test", language="python")
+        self.km.start_kernel(env=kernel_env())
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+        self.messages: list[Msg] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_iopub, name="test-iopub-reader", daemon=True)
+        self._reader.start()
+        if load_ext:
+            self.run("%load_ext polycell")
+
+    def _read_iopub(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.1)
+            except queue.Empty:
+                continue
+            except Exception:  # channel closed during shutdown
+                return
+            msg["_received"] = time.monotonic()
+            with self._cond:
+                self.messages.append(msg)
+                self._cond.notify_all()
+
+    # -- executing --------------------------------------------------------------------
+
+    def execute(self, code: str, **kwargs: Any) -> str:
+        """Send an execute request; returns its msg_id without waiting."""
+        return self.kc.execute(code, **kwargs)
+
+    def reply(self, msg_id: str, timeout: float = 60) -> Msg:
+        """The shell reply to `msg_id` (other replies on the way are kept for later)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, msg in enumerate(getattr(self, "_replies", [])):
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    return self._replies.pop(i)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply to {msg_id} in {timeout}s")
+            msg = self.kc.get_shell_msg(timeout=remaining)
+            msg["_received"] = time.monotonic()
+            self._replies = [*getattr(self, "_replies", []), msg]
+
+    def run(self, code: str, timeout: float = 60, **kwargs: Any) -> Msg:
+        """Execute and wait for the reply and for the kernel to go idle; returns the reply."""
+        msg_id = self.execute(code, **kwargs)
+        reply = self.reply(msg_id, timeout)
+        self.wait_idle(msg_id, timeout)
+        return reply
+
+    # -- observing ---------------------------------------------------------------------
+
+    def wait_for(self, predicate: Callable[[Msg], bool], timeout: float = 30) -> Msg:
+        """The first iopub message (received so far or later) matching `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for msg in self.messages[seen:]:
+                    if predicate(msg):
+                        return msg
+                seen = len(self.messages)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no matching iopub message")
+                self._cond.wait(remaining)
+
+    def wait_idle(self, msg_id: str, timeout: float = 30) -> Msg:
+        return self.wait_for(
+            lambda m: m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+            and m["parent_header"].get("msg_id") == msg_id,
+            timeout,
+        )
+
+    def outputs(self, msg_id: str) -> list[Msg]:
+        """Output messages (no status, no execute_input) whose parent is `msg_id`."""
+        with self._cond:
+            return [
+                m
+                for m in self.messages
+                if m["parent_header"].get("msg_id") == msg_id
+                and m["msg_type"] not in ("status", "execute_input")
+            ]
+
+    def text(self, msg_id: str, name: str | None = None) -> str:
+        return "".join(
+            m["content"]["text"]
+            for m in self.outputs(msg_id)
+            if m["msg_type"] == "stream" and (name is None or m["content"]["name"] == name)
+        )
+
+    def job_messages(self, job_id: int) -> list[Msg]:
+        with self._cond:
+            return [m for m in self.messages if m.get("metadata", {}).get("polycell", {}).get("job") == job_id]
+
+    def wait_job_end(self, job_id: int, timeout: float = 30) -> Msg:
+        """The handle update that says job `job_id` ended (done, failed or killed)."""
+
+        def ended(m: Msg) -> bool:
+            if m["msg_type"] != "update_display_data":
+                return False
+            if m.get("metadata", {}).get("polycell", {}).get("job") != job_id:
+                return False
+            text = m["content"]["data"].get("text/plain", "")
+            return any(f": {s} after" in text for s in ("done", "failed", "killed"))
+
+        return self.wait_for(ended, timeout)
+
+    def error_line(self, reply_or_msg_id: Msg | str) -> str:
+        """The one-line error a cell produced (UsageError text on stderr, or an error message)."""
+        msg_id = reply_or_msg_id if isinstance(reply_or_msg_id, str) else reply_or_msg_id["parent_header"]["msg_id"]
+        for m in self.outputs(msg_id):
+            if m["msg_type"] == "error":
+                return f"{m['content']['ename']}: {m['content']['evalue']}"
+        return self.text(msg_id, "stderr").strip()
+
+    def eval(self, expression: str, timeout: float = 30) -> Any:
+        """Evaluate an expression in the kernel and return it (via repr/literal)."""
+        import ast
+
+        msg_id = self.kc.execute("", silent=True, user_expressions={"x": expression})
+        reply = self.reply(msg_id, timeout)
+        value = reply["content"]["user_expressions"]["x"]
+        if value["status"] != "ok":
+            raise RuntimeError(f"{value['ename']}: {value['evalue']}")
+        return ast.literal_eval(value["data"]["text/plain"])
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.kc.stop_channels()
+        finally:
+            self.km.shutdown_kernel(now=True)
+        self._reader.join(5)

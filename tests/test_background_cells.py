@@ -1,0 +1,190 @@
+"""%%bg in a real stock ipykernel: routing, modes, kill, interrupt and bad input."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from kernel_session import KernelSession
+
+
+def _job_id(kernel: KernelSession, msg_id: str) -> int:
+    """The id of the job a %%bg cell started, read from its handle."""
+    handle = kernel.wait_for(
+        lambda m: m["msg_type"] == "display_data"
+        and m["parent_header"].get("msg_id") == msg_id
+        and "polycell-handle" in m["content"]["data"].get("text/html", "")
+    )
+    return int(handle["content"]["data"]["text/plain"].split()[2])
+
+
+def test_output_lands_in_the_cell_that_started_the_job(kernel):
+    bg = kernel.execute(
+        "%%bg --name ticker\nimport time\nfor i in range(5):\n    print('tick', i)\n    time.sleep(0.2)\n'finished'"
+    )
+    reply = kernel.reply(bg)
+    assert reply["content"]["status"] == "ok"
+    job = _job_id(kernel, bg)
+    # Foreground cells run while the job prints; none of their output is the job's.
+    fg1 = kernel.run("print('foreground one')")
+    fg2 = kernel.run("import time; time.sleep(0.3); print('foreground two')")
+    kernel.wait_job_end(job)
+    assert kernel.text(bg) == "".join(f"tick {i}\n" for i in range(5))
+    assert kernel.text(fg1["parent_header"]["msg_id"]) == "foreground one\n"
+    assert kernel.text(fg2["parent_header"]["msg_id"]) == "foreground two\n"
+    for msg in kernel.job_messages(job):
+        assert msg["parent_header"]["msg_id"] == bg
+    result = [m for m in kernel.outputs(bg) if m["msg_type"] == "execute_result"]
+    assert result and result[0]["content"]["data"]["text/plain"] == "'finished'"
+    assert result[0]["metadata"]["polycell"]["job"] == job
+    assert kernel.eval(f"(jobs[{job}].status.value, jobs[{job}].result, jobs[{job}].name)") == (
+        "done",
+        "finished",
+        "ticker",
+    )
+
+
+def test_bg_returns_at_once_while_job_runs(kernel):
+    msg_id = kernel.execute("%%bg\nimport time\ntime.sleep(30)")
+    t0 = time.monotonic()
+    kernel.reply(msg_id)
+    kernel.wait_idle(msg_id)
+    assert time.monotonic() - t0 < 10  # generous: only guards against the cell blocking for 30 s
+    job = _job_id(kernel, msg_id)
+    assert kernel.eval(f"jobs[{job}].status.value") == "running"
+    kernel.run(f"%job kill {job}")
+    kernel.wait_job_end(job)
+
+
+def test_display_rich_reprs_and_matplotlib_go_to_the_job_cell(kernel):
+    msg_id = kernel.execute(
+        "%%bg\n"
+        "from IPython.display import display, HTML\n"
+        "display(HTML('<b>bold</b>'))\n"
+        "import matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')\n"
+        "import matplotlib.pyplot as plt\n"
+        "fig, ax = plt.subplots(); ax.plot([1, 2, 3]); plt.show()\n"
+        "import sys; print('to stderr', file=sys.stderr)"
+    )
+    job = _job_id(kernel, msg_id)
+    kernel.wait_job_end(job)
+    outputs = kernel.outputs(msg_id)
+    displays = [m for m in outputs if m["msg_type"] == "display_data" and m["metadata"].get("polycell")]
+    mimes = [set(m["content"]["data"]) for m in displays]
+    assert any("text/html" in m for m in mimes)
+    assert any("image/png" in m for m in mimes)
+    assert kernel.text(msg_id, "stderr") == "to stderr\n"
+
+
+def test_uncaught_exception_is_shown_with_ipython_traceback(kernel):
+    msg_id = kernel.execute("%%bg\ndef f():\n    raise ValueError('bad value')\nf()")
+    job = _job_id(kernel, msg_id)
+    kernel.wait_job_end(job)
+    errors = [m for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
+    assert len(errors) == 1
+    content = errors[0]["content"]
+    assert content["ename"] == "ValueError" and content["evalue"] == "bad value"
+    tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(content["traceback"]))
+    assert "raise ValueError('bad value')" in tb
+    assert "f()" in tb
+    assert "polycell" not in tb  # the job machinery's own frames are not shown
+    assert kernel.eval(f"jobs[{job}].status.value") == "failed"
+
+
+def test_async_cell_runs_as_task_during_blocking_foreground(kernel):
+    bg = kernel.execute(
+        "%%bg\nimport asyncio\nfor i in range(4):\n    print('async', i)\n    await asyncio.sleep(0.2)"
+    )
+    job = _job_id(kernel, bg)
+    fg = kernel.execute("import time; time.sleep(3)")
+    # All four lines arrive while the foreground cell is still sleeping.
+    kernel.wait_for(lambda m: m["msg_type"] == "stream" and "async 3" in m["content"]["text"], timeout=30)
+    fg_idle = [m for m in kernel.messages if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == fg and m["content"]["execution_state"] == "idle"]
+    assert not fg_idle
+    kernel.wait_idle(fg)
+    kernel.wait_job_end(job)
+    assert kernel.eval(f"jobs[{job}].mode") == "task"
+
+
+def test_line_magic_and_modes(kernel):
+    kernel.run("import time")
+    one = kernel.execute("%bg --name one print('line job')")
+    two = kernel.execute("%bg --mode task print('forced task')")
+    j1, j2 = _job_id(kernel, one), _job_id(kernel, two)
+    kernel.wait_job_end(j1)
+    kernel.wait_job_end(j2)
+    assert kernel.text(one) == "line job\n"
+    assert kernel.text(two) == "forced task\n"
+    assert kernel.eval(f"(jobs[{j1}].name, jobs[{j1}].mode, jobs[{j2}].mode)") == ("one", "thread", "task")
+
+
+def test_kill_thread_in_sleep_and_task(kernel):
+    a = kernel.execute("%%bg\nimport time\nprint('sleeping')\ntime.sleep(600)")
+    b = kernel.execute("%%bg\nimport asyncio\nawait asyncio.sleep(600)")
+    ja, jb = _job_id(kernel, a), _job_id(kernel, b)
+    kernel.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "sleeping\n")
+    kill_a = kernel.run(f"%job kill {ja}")
+    assert kernel.text(kill_a["parent_header"]["msg_id"]) == f"job {ja} killed\n"
+    kernel.run(f"%job kill {jb}")
+    kernel.wait_job_end(ja)
+    kernel.wait_job_end(jb)
+    assert f"[job {ja} killed after" in kernel.text(a, "stderr")
+    assert kernel.eval(f"(jobs[{ja}].status.value, jobs[{jb}].status.value)") == ("killed", "killed")
+    # Killing the same job again is a one-line error.
+    again = kernel.run(f"%job kill {ja}")
+    assert kernel.error_line(again) == f"UsageError: %job kill: job {ja} already ended (killed)"
+
+
+def test_interrupt_stops_only_the_foreground(kernel):
+    bg = kernel.execute("%%bg\nimport time\nfor i in range(20):\n    print(i)\n    time.sleep(0.1)")
+    job = _job_id(kernel, bg)
+    fg = kernel.execute("import time\ntime.sleep(60)")
+    kernel.wait_for(lambda m: m["msg_type"] == "status" and m["parent_header"].get("msg_id") == fg and m["content"]["execution_state"] == "busy")
+    kernel.km.interrupt_kernel()
+    reply = kernel.reply(fg, timeout=30)
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    kernel.wait_job_end(job)
+    assert kernel.eval(f"jobs[{job}].status.value") == "done"
+    assert kernel.text(bg) == "".join(f"{i}\n" for i in range(20))
+
+
+def test_wait_and_jobs_table(kernel):
+    bg = kernel.execute("%%bg --name waiter\nimport time\ntime.sleep(0.3)\n7 * 6")
+    job = _job_id(kernel, bg)
+    wait = kernel.run(f"%job wait {job} --timeout 30")
+    results = [m for m in kernel.outputs(wait["parent_header"]["msg_id"]) if m["msg_type"] == "execute_result"]
+    assert results[0]["content"]["data"]["text/plain"] == "42"
+    table = kernel.run("%jobs")
+    shown = [m for m in kernel.outputs(table["parent_header"]["msg_id"]) if m["msg_type"] == "display_data"]
+    assert "<table" in shown[0]["content"]["data"]["text/html"]
+    assert "waiter" in shown[0]["content"]["data"]["text/plain"]
+    api = kernel.eval("(jobs[%d].output, jobs[%d].exception)" % (job, job))
+    assert api == ("", None)
+
+
+def test_bad_input_gives_one_line(kernel):
+    cases = {
+        "%%bg --frobnicate\nprint(1)": "UsageError: %%bg: unrecognized arguments: --frobnicate",
+        "%%bg --mode gpu\nprint(1)": "UsageError: %%bg: argument --mode: invalid choice: 'gpu'",
+        "%%bg\n   \n": "UsageError: %%bg: the cell is empty",
+        "%job kill 99": "UsageError: no job 99",
+        "%job wait abc": "UsageError: %job: 'abc' is not a job id",
+        "%job frob 1": "UsageError: %job: use %job kill N",
+        "%bg": "UsageError: %bg: give a statement to run",
+        "%jobs extra": "UsageError: %jobs takes no arguments",
+    }
+    for code, expected in cases.items():
+        reply = kernel.run(code)
+        line = kernel.error_line(reply)
+        assert line.startswith(expected), (code, line)
+        assert "\n" not in line and "Traceback" not in line, (code, line)
+    # The kernel still works afterwards.
+    assert kernel.eval("1 + 1") == 2
+
+
+def test_job_output_during_heavy_printing_is_complete_and_in_order(kernel):
+    bg = kernel.execute("%%bg\nfor i in range(20000):\n    print(i)")
+    job = _job_id(kernel, bg)
+    kernel.wait_job_end(job, timeout=120)
+    assert kernel.text(bg) == "".join(f"{i}\n" for i in range(20000))
+    assert len(kernel.outputs(bg)) < 2000  # merged, not one message per line
