@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from kernel_session import KernelSession  # noqa: E402
+from kernel_session import KernelSession
 
 
 @pytest.fixture
@@ -34,10 +34,16 @@ def no_leaks() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 10
     while True:
-        children = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        children = [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
         threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
         if not children and not threads:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"left behind: processes {[p.pid for p in children]}, threads {[t.name for t in threads]}")
+            pytest.fail(
+                f"left behind: processes {[p.pid for p in children]}, threads {[t.name for t in threads]}"
+            )
         time.sleep(0.05)

@@ -111,9 +111,11 @@ class KernelSession:
 
     def wait_idle(self, msg_id: str, timeout: float = 30) -> Msg:
         return self.wait_for(
-            lambda m: m["msg_type"] == "status"
-            and m["content"]["execution_state"] == "idle"
-            and m["parent_header"].get("msg_id") == msg_id,
+            lambda m: (
+                m["msg_type"] == "status"
+                and m["content"]["execution_state"] == "idle"
+                and m["parent_header"].get("msg_id") == msg_id
+            ),
             timeout,
         )
 
@@ -136,7 +138,9 @@ class KernelSession:
 
     def job_messages(self, job_id: int) -> list[Msg]:
         with self._cond:
-            return [m for m in self.messages if m.get("metadata", {}).get("polycell", {}).get("job") == job_id]
+            return [
+                m for m in self.messages if m.get("metadata", {}).get("polycell", {}).get("job") == job_id
+            ]
 
     def wait_job_end(self, job_id: int, timeout: float = 30) -> Msg:
         """The handle update that says job `job_id` ended (done, failed or killed)."""
@@ -153,7 +157,11 @@ class KernelSession:
 
     def error_line(self, reply_or_msg_id: Msg | str) -> str:
         """The one-line error a cell produced (UsageError text on stderr, or an error message)."""
-        msg_id = reply_or_msg_id if isinstance(reply_or_msg_id, str) else reply_or_msg_id["parent_header"]["msg_id"]
+        msg_id = (
+            reply_or_msg_id
+            if isinstance(reply_or_msg_id, str)
+            else reply_or_msg_id["parent_header"]["msg_id"]
+        )
         for m in self.outputs(msg_id):
             if m["msg_type"] == "error":
                 return f"{m['content']['ename']}: {m['content']['evalue']}"

@@ -11,16 +11,19 @@ from kernel_session import KernelSession
 def _job_id(kernel: KernelSession, msg_id: str) -> int:
     """The id of the job a %%bg cell started, read from its handle."""
     handle = kernel.wait_for(
-        lambda m: m["msg_type"] == "display_data"
-        and m["parent_header"].get("msg_id") == msg_id
-        and "polycell-handle" in m["content"]["data"].get("text/html", "")
+        lambda m: (
+            m["msg_type"] == "display_data"
+            and m["parent_header"].get("msg_id") == msg_id
+            and "polycell-handle" in m["content"]["data"].get("text/html", "")
+        )
     )
     return int(handle["content"]["data"]["text/plain"].split()[2])
 
 
 def test_output_lands_in_the_cell_that_started_the_job(kernel):
     bg = kernel.execute(
-        "%%bg --name ticker\nimport time\nfor i in range(5):\n    print('tick', i)\n    time.sleep(0.2)\n'finished'"
+        "%%bg --name ticker\nimport time\n"
+        "for i in range(5):\n    print('tick', i)\n    time.sleep(0.2)\n'finished'"
     )
     reply = kernel.reply(bg)
     assert reply["content"]["status"] == "ok"
@@ -99,7 +102,13 @@ def test_async_cell_runs_as_task_during_blocking_foreground(kernel):
     fg = kernel.execute("import time; time.sleep(3)")
     # All four lines arrive while the foreground cell is still sleeping.
     kernel.wait_for(lambda m: m["msg_type"] == "stream" and "async 3" in m["content"]["text"], timeout=30)
-    fg_idle = [m for m in kernel.messages if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == fg and m["content"]["execution_state"] == "idle"]
+    fg_idle = [
+        m
+        for m in kernel.messages
+        if m["msg_type"] == "status"
+        and m["parent_header"].get("msg_id") == fg
+        and m["content"]["execution_state"] == "idle"
+    ]
     assert not fg_idle
     kernel.wait_idle(fg)
     kernel.wait_job_end(job)
@@ -139,7 +148,13 @@ def test_interrupt_stops_only_the_foreground(kernel):
     bg = kernel.execute("%%bg\nimport time\nfor i in range(20):\n    print(i)\n    time.sleep(0.1)")
     job = _job_id(kernel, bg)
     fg = kernel.execute("import time\ntime.sleep(60)")
-    kernel.wait_for(lambda m: m["msg_type"] == "status" and m["parent_header"].get("msg_id") == fg and m["content"]["execution_state"] == "busy")
+    kernel.wait_for(
+        lambda m: (
+            m["msg_type"] == "status"
+            and m["parent_header"].get("msg_id") == fg
+            and m["content"]["execution_state"] == "busy"
+        )
+    )
     kernel.km.interrupt_kernel()
     reply = kernel.reply(fg, timeout=30)
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
@@ -152,13 +167,15 @@ def test_wait_and_jobs_table(kernel):
     bg = kernel.execute("%%bg --name waiter\nimport time\ntime.sleep(0.3)\n7 * 6")
     job = _job_id(kernel, bg)
     wait = kernel.run(f"%job wait {job} --timeout 30")
-    results = [m for m in kernel.outputs(wait["parent_header"]["msg_id"]) if m["msg_type"] == "execute_result"]
+    results = [
+        m for m in kernel.outputs(wait["parent_header"]["msg_id"]) if m["msg_type"] == "execute_result"
+    ]
     assert results[0]["content"]["data"]["text/plain"] == "42"
     table = kernel.run("%jobs")
     shown = [m for m in kernel.outputs(table["parent_header"]["msg_id"]) if m["msg_type"] == "display_data"]
     assert "<table" in shown[0]["content"]["data"]["text/html"]
     assert "waiter" in shown[0]["content"]["data"]["text/plain"]
-    api = kernel.eval("(jobs[%d].output, jobs[%d].exception)" % (job, job))
+    api = kernel.eval(f"(jobs[{job}].output, jobs[{job}].exception)")
     assert api == ("", None)
 
 
