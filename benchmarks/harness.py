@@ -1,0 +1,75 @@
+"""What every benchmark shares: kernels to measure, timing, and one row format.
+
+A benchmark module ``bench_<topic>.py`` has a ``run() -> list[Row]`` that
+measures side by side (polycell and its peers in the same run) and returns
+rows; ``benchmarks/run`` collects them into one table. Run a module alone with
+``python benchmarks/bench_<topic>.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from kernel_session import KernelSession  # noqa: E402
+
+__all__ = ["KernelSession", "Row", "machine", "median_round_trip", "print_rows", "stock_kernel_argv"]
+
+
+@dataclass
+class Row:
+    """One measured figure, its bar, and whether the bar is met."""
+
+    bench: str
+    subject: str  # which kernel / mode was measured
+    value: float
+    unit: str
+    bar: str = ""  # human text of the bar, e.g. "<= 0.7 s"
+    ok: bool | None = None  # None when the row is a reference, not held to a bar
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def stock_kernel_argv() -> list[str]:
+    return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def median_round_trip(session: KernelSession, code: str = "1", n: int = 200) -> float:
+    """Median seconds from execute_request to its reply and idle, over `n` runs."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        session.run(code)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def print_rows(rows: list[Row]) -> None:
+    width = max((len(r.bench) for r in rows), default=10)
+    for r in rows:
+        verdict = "" if r.ok is None else ("PASS" if r.ok else "FAIL")
+        print(f"{r.bench:<{width}}  {r.subject:<22} {r.value:>10.4g} {r.unit:<4} {r.bar:<18} {verdict}")
+
+
+def dump(rows: list[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=2))
