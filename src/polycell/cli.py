@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -55,8 +56,9 @@ def find_connection_file(existing: str | None) -> str:
             raise CliError(
                 f"no kernel connection file {existing!r} (here or in {jupyter_runtime_dir()})"
             ) from None
+        runtime = jupyter_runtime_dir()
         raise CliError(
-            f"no running kernel found: no kernel-*.json in {jupyter_runtime_dir()}; give one with --existing FILE"
+            f"no running kernel found: no kernel-*.json in {runtime}; give one with --existing FILE"
         ) from None
 
 
@@ -295,7 +297,7 @@ def cmd_log(existing: str | None, job_id: int | None, run: int | None) -> int:
         stored = [job for job in read_jobs(path) if run is None or job.run == run]
     except LookupError as exc:
         raise CliError(str(exc)) from None
-    except Exception as exc:  # sqlite3.Error and friends: a damaged or foreign file
+    except (sqlite3.Error, OSError, ValueError) as exc:  # a damaged or foreign file
         raise CliError(f"cannot read {path}: {exc}") from None
     if len({job.run for job in stored}) <= 1:
         print(view.rows_text([job.row() for job in stored]))
@@ -303,9 +305,8 @@ def cmd_log(existing: str | None, job_id: int | None, run: int | None) -> int:
     for number, (pid, started) in runs.items():
         in_run = [job.row() for job in stored if job.run == number]
         if in_run:
-            print(
-                f"run {number}: kernel pid {pid}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
-            )
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            print(f"run {number}: kernel pid {pid}, started {when}")
             print(view.rows_text(in_run))
             print()
     return 0
