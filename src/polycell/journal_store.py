@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sqlite3
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,10 @@ class JournalStore:
         self.max_bytes = max_bytes
         self.interval = interval
         self.batch_records = batch_records
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # A deque, not a queue.Queue: appending wakes nobody, so a job printing in a
+        # tight loop never hands the GIL to the writer once per line.
+        self._pending: deque[Any] = deque()
+        self._wake = threading.Event()
         self._cancels: list[Any] = []
         self._failed = False
         # Open (and create) in the caller's thread so a bad path fails loudly and at once.
@@ -158,13 +161,18 @@ class JournalStore:
         A job already tracked by an earlier store of this process (the extension
         was reloaded) is written again from its in-memory journal.
         """
-        put = self._queue.put
+        put = self._put
         put(("reset", job.id, _job_row(job)))
         job.add_state_listener(lambda changed: put(("job", changed.id, _job_row(changed))))
 
+        # The hot path of a printing job: one deque append and a length check.
+        pending, wake, limit, job_id = self._pending, self._wake, self.batch_records, job.id
+
         def follow(record: Record | None) -> None:
             if record is not None:
-                put(("record", job.id, record))
+                pending.append(("record", job_id, record))
+                if len(pending) >= limit:
+                    wake.set()
 
         sub = job.journal.follow(follow, replay=True)
         self._cancels.append(sub.cancel)
@@ -174,56 +182,62 @@ class JournalStore:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is committed."""
         done = threading.Event()
-        self._queue.put(done)
+        self._pending.append(done)
+        self._wake.set()
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         for cancel in self._cancels:
             cancel()
-        self._queue.put(_STOP)
+        self._pending.append(_STOP)
+        self._wake.set()
         self._thread.join(timeout)
 
     # -- the writer thread -----------------------------------------------------------------
 
+    def _put(self, item: Any) -> None:
+        self._pending.append(item)
+        if len(self._pending) >= self.batch_records:
+            self._wake.set()
+
     def _serve(self) -> None:
+        """Every `interval` (or sooner when asked), write what is pending as one transaction."""
+        pending = self._pending
         try:
             while True:
-                batch = [self._queue.get()]
-                deadline = time.monotonic() + self.interval
-                while len(batch) < self.batch_records and batch[-1] is not _STOP:
-                    if isinstance(batch[-1], threading.Event):
-                        break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(self._queue.get(timeout=remaining))
-                    except queue.Empty:
-                        break
-                stop = self._write_batch(batch)
-                if stop:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                # What is there now; a job still printing gets the rest into the next batch.
+                batch = [pending.popleft() for _ in range(len(pending))]
+                if batch and self._write_batch(batch):
                     return
         finally:
             self._conn.close()
 
     def _write_batch(self, batch: list[Any]) -> bool:
-        """Write one batch in one transaction; True when asked to stop."""
+        """Write one batch in one transaction; True when asked to stop.
+
+        Consecutive text of one job's stream becomes one row (up to
+        `_MAX_ROW_CHARS`); this loop is the writer's whole cost, so it is kept tight.
+        """
         rows: list[tuple[int, int, int, str, str]] = []
         jobs: dict[int, dict[str, Any]] = {}
         resets: list[int] = []
-        pending: dict[int, tuple[str, list[str], int]] = {}  # job -> stream name, texts, size
         events: list[threading.Event] = []
         stop = False
+        seqs, run, dumps = self._seqs, self.run, json.dumps
+        # The stream text being merged: its job, stream name, pieces and size.
+        held: list[str] = []
+        held_job, held_name, held_size = -1, "", 0
 
         def add(job_id: int, msg_type: str, content: dict[str, Any]) -> None:
-            seq = self._seqs.get(job_id, 0)
-            self._seqs[job_id] = seq + 1
-            rows.append((self.run, job_id, seq, msg_type, json.dumps(content, default=str)))
+            seq = seqs.get(job_id, 0)
+            seqs[job_id] = seq + 1
+            rows.append((run, job_id, seq, msg_type, dumps(content, default=str)))
 
-        def flush_stream(job_id: int) -> None:
-            held = pending.pop(job_id, None)
-            if held is not None:
-                add(job_id, "stream", {"name": held[0], "text": "".join(held[1])})
+        def flush_stream() -> None:
+            if held:
+                add(held_job, "stream", {"name": held_name, "text": "".join(held)})
 
         for item in batch:
             if item is _STOP:
@@ -233,30 +247,27 @@ class JournalStore:
                 events.append(item)
                 continue
             kind, job_id, payload = item
-            if kind == "reset":
-                pending.pop(job_id, None)
-                rows = [row for row in rows if row[1] != job_id]
-                resets.append(job_id)
-                self._seqs[job_id] = 0
-                jobs[job_id] = payload
+            if kind == "record" and payload["msg_type"] == "stream":
+                content = payload["content"]
+                text = content["text"]
+                if job_id != held_job or content["name"] != held_name or held_size >= _MAX_ROW_CHARS:
+                    flush_stream()
+                    held_job, held_name, held, held_size = job_id, content["name"], [], 0
+                held.append(text)
+                held_size += len(text)
+                continue
+            flush_stream()
+            held_job, held, held_size = -1, [], 0
+            if kind == "record":
+                add(job_id, payload["msg_type"], payload["content"])
             elif kind == "job":
                 jobs[job_id] = payload
-            elif payload["msg_type"] == "stream":
-                name, text = payload["content"]["name"], payload["content"]["text"]
-                held = pending.get(job_id)
-                if held is not None and (held[0] != name or held[2] >= _MAX_ROW_CHARS):
-                    flush_stream(job_id)
-                    held = None
-                if held is None:
-                    pending[job_id] = (name, [text], len(text))
-                else:
-                    held[1].append(text)
-                    pending[job_id] = (name, held[1], held[2] + len(text))
-            else:
-                flush_stream(job_id)
-                add(job_id, payload["msg_type"], payload["content"])
-        for job_id in list(pending):
-            flush_stream(job_id)
+            else:  # reset: the job is written again from its start
+                rows = [row for row in rows if row[1] != job_id]
+                resets.append(job_id)
+                seqs[job_id] = 0
+                jobs[job_id] = payload
+        flush_stream()
         if not self._failed:
             try:
                 self._commit(resets, jobs, rows)
