@@ -148,6 +148,27 @@ def test_tail_replays_then_follows_until_the_job_ends(rt_kernel, runtime):
     assert f"[job {job} failed after" in stderr
 
 
+def test_ctrl_c_detaches_tail_and_the_job_keeps_running(rt_kernel, runtime):
+    kernel = rt_kernel
+    job = _job_id(kernel, kernel.execute("%%bg\nimport time\nprint('up')\ntime.sleep(120)"))
+    env = {**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "polycell.cli", "tail", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as tail:
+        assert tail.stdout is not None
+        assert tail.stdout.readline() == "up\n"
+        tail.send_signal(signal.SIGINT)
+        _, stderr = tail.communicate(timeout=30)
+    assert tail.returncode == 0
+    assert stderr.strip() == f"[detached from job {job}; it keeps running]"
+    assert kernel.eval(f"jobs[{job}].status.value") == "running"
+    kernel.run(f"%job kill {job}")
+
+
 def test_log_after_the_kernel_was_killed(rt_kernel, runtime):
     kernel = rt_kernel
     started = kernel.execute(
