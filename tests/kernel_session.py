@@ -36,11 +36,26 @@ def kernel_env() -> dict[str, str]:
 class KernelSession:
     """One running kernel and a client connected to it."""
 
-    def __init__(self, argv: list[str] | None = None, *, load_ext: bool = True) -> None:
-        self.km = KernelManager()
-        argv = argv or [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        self.km._kernel_spec = KernelSpec(argv=argv, display_name="test", language="python")
-        self.km.start_kernel(env=kernel_env())
+    def __init__(
+        self,
+        argv: list[str] | None = None,
+        *,
+        load_ext: bool = True,
+        connection_file: str | None = None,
+        attach_to: KernelManager | None = None,
+    ) -> None:
+        """Start a kernel, or with `attach_to` connect one more client to a running one."""
+        self.owns_kernel = attach_to is None
+        if attach_to is not None:
+            self.km = attach_to
+            load_ext = False
+        else:
+            self.km = KernelManager()
+            if connection_file is not None:
+                self.km.connection_file = connection_file
+            argv = argv or [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+            self.km._kernel_spec = KernelSpec(argv=argv, display_name="test", language="python")
+            self.km.start_kernel(env=kernel_env())
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
@@ -178,10 +193,34 @@ class KernelSession:
             raise RuntimeError(f"{value['ename']}: {value['evalue']}")
         return ast.literal_eval(value["data"]["text/plain"])
 
+    @property
+    def connection_file(self) -> str:
+        return str(self.km.connection_file)
+
+    @property
+    def store_path(self) -> Path:
+        """Where polycell keeps this kernel's journal on disk."""
+        from polycell.journal_store import store_path
+
+        return store_path(self.connection_file)
+
+    @property
+    def pid(self) -> int:
+        return int(self.km.provisioner.process.pid)
+
+    def disconnect(self) -> None:
+        """Close this client (a browser tab going away); the kernel keeps running."""
+        self._stop.set()
+        self._reader.join(5)
+        self.kc.stop_channels()
+
     def close(self) -> None:
         self._stop.set()
         try:
             self.kc.stop_channels()
         finally:
-            self.km.shutdown_kernel(now=True)
+            if self.owns_kernel:
+                self.km.shutdown_kernel(now=True)
+                for path in self.store_path.parent.glob(self.store_path.name + "*"):
+                    path.unlink(missing_ok=True)
         self._reader.join(5)

@@ -16,9 +16,11 @@ from IPython.display import display
 
 from polycell import view
 from polycell.cell import CompiledCell, compile_cell
+from polycell.control import ControlHandler
 from polycell.iopub import IOPubPublisher
 from polycell.job import Job, JobError, JobKilled
 from polycell.job_table import MODES, JobTable, jobs
+from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
 from polycell.routing import OutputRouter, write_error, write_result
 
 __all__ = ["Polycell", "load_ipython_extension", "unload_ipython_extension"]
@@ -46,6 +48,8 @@ class Polycell:
             raise JobError("polycell needs a Jupyter kernel (ipykernel); this IPython has none")
         self.router = OutputRouter(shell)
         self.publisher = IOPubPublisher(self.kernel.session, self.kernel.iopub_socket)
+        self.control = ControlHandler(table)
+        self.store: JournalStore | None = None
 
     def start(self) -> None:
         from polycell.magics import PolycellMagics
@@ -53,14 +57,25 @@ class Polycell:
         self.router.install()
         self.shell.register_magics(PolycellMagics(self.shell, self))
         self.shell.user_ns["jobs"] = self.jobs
+        self.control.install(self.kernel)
+        self.store = open_store()
+        if self.store is not None:
+            for job in self.jobs:
+                self.store.track(job)
+            self.jobs.add_new_job_listener(self.store.track)
         atexit.register(self.close)
 
     def close(self) -> None:
         """End every job and stop routing; idempotent."""
+        self.control.uninstall()
         self.jobs.shutdown()
         self.publisher.flush(2)
         self.publisher.close()
         self.router.uninstall()
+        if self.store is not None:
+            self.jobs.remove_new_job_listener(self.store.track)
+            self.store.close()
+            self.store = None
 
     # -- starting jobs -------------------------------------------------------------------
 
@@ -148,6 +163,35 @@ class Polycell:
         # The final update is sent after the job's last output, so the handle never
         # says "done" while its traceback is still on its way.
         self.publisher.follow(job, parent, replay=replay, on_end=update)
+
+
+def open_store() -> JournalStore | None:
+    """The on-disk journal next to this kernel's connection file, when there is one.
+
+    ``POLYCELL_STORE_MAX_MB`` caps its size (default 100); ``0`` turns it off.
+    A store that cannot be opened (read-only directory...) is reported once and
+    the kernel runs without it.
+    """
+    import os
+    import sys
+
+    try:
+        max_mb = float(os.environ.get("POLYCELL_STORE_MAX_MB", DEFAULT_MAX_BYTES / 2**20))
+    except ValueError:
+        max_mb = DEFAULT_MAX_BYTES / 2**20
+    if max_mb <= 0:
+        return None
+    try:
+        from ipykernel.connect import get_connection_file
+
+        connection_file = get_connection_file()
+    except Exception:  # noqa: BLE001 - no kernel app (embedded kernel...): no store
+        return None
+    try:
+        return JournalStore.for_connection_file(connection_file, max_bytes=int(max_mb * 2**20))
+    except Exception as exc:  # noqa: BLE001 - output on disk is a bonus, never a reason to fail
+        print(f"polycell: no journal on disk ({exc})", file=sys.__stderr__)
+        return None
 
 
 _loaded: dict[int, Polycell] = {}

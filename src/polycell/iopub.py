@@ -49,12 +49,11 @@ class IOPubPublisher:
         """
 
         def enqueue(record: Record | None) -> None:
-            self._queue.put((job.id, parent, record, on_end))
+            self._queue.put((job.id, parent, record, on_end if record is None else None))
 
-        sub = job.journal.follow(enqueue)
-        if replay:
-            for record in sub.snapshot:
-                self._queue.put((job.id, parent, record, None))
+        # The snapshot is queued under the journal's lock, so a record the job
+        # writes meanwhile cannot overtake it: replayed, then live, in order.
+        sub = job.journal.follow(enqueue, replay=replay)
         if sub.ended and on_end is not None:
             self._queue.put((job.id, parent, None, on_end))
         self._followers.append(sub)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from polycell import view
@@ -36,6 +36,7 @@ class JobTable:
         self._lock = threading.Lock()
         #: Cap, in characters, on each new job's journal kept in memory.
         self.journal_max_chars = DEFAULT_MAX_CHARS
+        self._new_job_listeners: list[Callable[[Job], None]] = []
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -94,7 +95,20 @@ class JobTable:
                 info=info,
             )
             self._jobs[job_id] = job
+        for listener in list(self._new_job_listeners):
+            listener(job)
         return job
+
+    def add_new_job_listener(self, listener: Callable[[Job], None]) -> None:
+        """Call `listener(job)` for every job registered from now on, before it runs.
+
+        This is how the on-disk journal store sees every job, whatever started it.
+        """
+        self._new_job_listeners.append(listener)
+
+    def remove_new_job_listener(self, listener: Callable[[Job], None]) -> None:
+        if listener in self._new_job_listeners:
+            self._new_job_listeners.remove(listener)
 
     def submit(self, mode: str, body: Any, *, name: str | None = None, source: str = "") -> Job:
         """Start `body` as a new job of `mode`; returns the job at once."""

@@ -46,6 +46,11 @@ def _record_size(record: Record) -> int:
     return size
 
 
+def _length(record: Record) -> int:
+    """How far a `since` cursor's offset goes in a record: its text, or 1 for a whole record."""
+    return len(record["content"]["text"]) if record["msg_type"] == "stream" else 1
+
+
 class OutputJournal:
     """The ordered, bounded record of one job's output."""
 
@@ -141,16 +146,23 @@ class OutputJournal:
             records = self._head() + list(self._records)
         return "".join(r["content"]["text"] for r in records if r["msg_type"] == "stream")
 
-    def follow(self, follower: Follower) -> Subscription:
+    def follow(self, follower: Follower, *, replay: bool = False) -> Subscription:
         """Snapshot the journal and subscribe to what comes after, atomically.
 
         Nothing is missed and nothing is seen twice between the snapshot and the
         live records. If the journal had already ended, `ended` is True and the
-        follower is never called.
+        follower is never called with live records.
+
+        With `replay`, the follower is first called with every snapshot record,
+        under the journal's lock: a follower that queues records then has the
+        snapshot queued before any live record a concurrent writer appends.
         """
         with self._lock:
             snapshot = self._head() + list(self._records)
             ended = self._closed
+            if replay:
+                for record in snapshot:
+                    follower(record)
             if not ended:
                 self._followers.append(follower)
 
@@ -160,6 +172,57 @@ class OutputJournal:
                     self._followers.remove(follower)
 
         return Subscription(snapshot, ended, cancel)
+
+    def since(
+        self, index: int = 0, offset: int = 0, max_chars: int = 1_000_000
+    ) -> tuple[list[Record], int, int, bool]:
+        """The records after cursor (`index`, `offset`), the new cursor, and whether the journal ended.
+
+        `index` counts records from the first one ever stored, dropped ones
+        included; `offset` is how many characters of that record's text were
+        already read. Merging only ever appends text to the last record, so
+        this cursor is exact: a reader polling with the cursor it was given
+        sees every write once, in order, with no state kept here (a lost
+        reply is simply asked for again). Records dropped by the cap before
+        the reader got them come back as one marker record.
+
+        At most about `max_chars` characters are returned per call; the
+        returned `ended` is only True once the reader has everything.
+        """
+        with self._lock:
+            first = self.dropped_records
+            out: list[Record] = []
+            if index < first:
+                note = (
+                    f"[polycell: {first - index:,} earlier records were dropped before they could be read]\n"
+                )
+                out.append(stream_record("stderr", note))
+                index, offset = first, 0
+            records = self._records
+            size = 0
+            position = index - first
+            while position < len(records) and size < max_chars:
+                record = records[position]
+                if record["msg_type"] == "stream":
+                    text = record["content"]["text"]
+                    if offset < len(text):
+                        part = text[offset:]
+                        out.append(stream_record(record["content"]["name"], part))
+                        size += len(part)
+                    offset = len(text)
+                elif offset == 0:
+                    out.append(record)
+                    size += _record_size(record)
+                    offset = 1
+                if position == len(records) - 1:
+                    break  # the last record may still grow: keep the cursor on it
+                position += 1
+                offset = 0
+            if position >= len(records) and records:
+                # A cursor from beyond the end (another journal): resume from the end.
+                position, offset = len(records) - 1, _length(records[-1])
+            at_end = not records or (position == len(records) - 1 and offset >= _length(records[-1]))
+            return out, first + position, offset, self._closed and at_end
 
 
 @dataclass(frozen=True)

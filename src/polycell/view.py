@@ -12,7 +12,7 @@ from typing import Any
 
 from polycell.job import Job, JobState
 
-__all__ = ["format_elapsed", "handle_html", "handle_text", "job_row", "jobs_html", "jobs_text"]
+__all__ = ["format_elapsed", "handle_html", "handle_text", "job_row", "jobs_html", "jobs_text", "rows_text"]
 
 COLUMNS = ("id", "name", "mode", "status", "elapsed", "last output")
 _STATUS_COLOURS = {
@@ -69,9 +69,14 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 
 def jobs_text(jobs: Sequence[Job], extra: Sequence[str] = ()) -> str:
-    if not jobs:
+    return rows_text([job_row(job) for job in jobs], extra)
+
+
+def rows_text(job_rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    """The plain-text table of `job_row` dicts: also what ``polycell jobs`` prints from a reply."""
+    if not job_rows:
         return "\n".join(["no jobs", *extra])
-    rows = [list(COLUMNS)] + [_cells(job_row(job)) for job in jobs]
+    rows = [list(COLUMNS)] + [_cells(row) for row in job_rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join([*lines, *extra])

@@ -1,0 +1,396 @@
+"""``polycell``: see and steer a running kernel's jobs from a terminal.
+
+    polycell jobs [--json]        the jobs table
+    polycell tail N               job N's output so far, then live until it ends (Ctrl-C detaches)
+    polycell kill N               kill job N
+    polycell top [--once]         a live table of jobs and their last line
+    polycell log [N] [--run R]    the jobs, or job N's output, from the on-disk journal; no kernel needed
+
+Every command but ``log`` is a second client of the kernel (``--existing FILE``,
+or the newest ``kernel-*.json`` in the Jupyter runtime directory) and talks to
+it over the control channel, which the kernel answers from a thread of its own:
+the answer comes even while a cell keeps the main thread busy.
+
+Every failure is one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from polycell import view
+from polycell.journal import Record
+
+__all__ = ["CliError", "KernelLink", "main"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_POLL_SECONDS = 0.1
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+# -- finding things --------------------------------------------------------------------------------
+
+
+def find_connection_file(existing: str | None) -> str:
+    """The connection file named by ``--existing``, or the newest one in the runtime directory."""
+    from jupyter_client import find_connection_file as find
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    try:
+        if existing:
+            return str(find(existing))
+        return str(find())
+    except OSError:
+        if existing:
+            raise CliError(
+                f"no kernel connection file {existing!r} (here or in {jupyter_runtime_dir()})"
+            ) from None
+        runtime = jupyter_runtime_dir()
+        raise CliError(
+            f"no running kernel found: no kernel-*.json in {runtime}; give one with --existing FILE"
+        ) from None
+
+
+def find_store(existing: str | None) -> Path:
+    """The on-disk journal of the kernel named by ``--existing`` (its connection file or the
+    database itself; the kernel may be long gone), or the newest one in the runtime directory."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    from polycell.journal_store import store_path
+
+    runtime = Path(jupyter_runtime_dir())
+    if existing:
+        given = Path(existing)
+        candidates = [given, runtime / given]
+        for candidate in candidates:
+            path = candidate if candidate.suffix == ".sqlite" else store_path(candidate)
+            if path.is_file():
+                return path
+        raise CliError(f"no polycell journal for {existing!r} (looked for {store_path(given).name})")
+    stores = sorted(runtime.glob("polycell-*.sqlite"), key=lambda p: p.stat().st_mtime)
+    if not stores:
+        raise CliError(f"no polycell journal found in {runtime}; give one with --existing FILE")
+    return stores[-1]
+
+
+# -- talking to a kernel ------------------------------------------------------------------------------
+
+
+class KernelLink:
+    """A control-channel client of one kernel, for ``polycell_request`` messages."""
+
+    def __init__(self, connection_file: str, timeout: float = 3.0) -> None:
+        from jupyter_client import BlockingKernelClient
+
+        self.connection_file = connection_file
+        self.timeout = timeout
+        self._client = BlockingKernelClient()
+        try:
+            self._client.load_connection_file(connection_file)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CliError(f"{connection_file} is not a kernel connection file ({exc})") from None
+        self._client.start_channels(shell=False, iopub=False, stdin=False, hb=False, control=True)
+        self._verified = False
+        self._early: dict[str, dict[str, Any]] = {}
+
+    def close(self) -> None:
+        self._client.stop_channels()
+
+    def __enter__(self) -> KernelLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, msg_type: str, content: dict[str, Any]) -> str:
+        msg = self._client.session.msg(msg_type, content)
+        self._client.control_channel.send(msg)
+        return str(msg["header"]["msg_id"])
+
+    def _next_reply(self, deadline: float, waiting_for: set[str]) -> dict[str, Any]:
+        """The next control reply to one of `waiting_for`; replies to older requests are dropped."""
+        import queue
+
+        while True:
+            for msg_id in waiting_for:
+                if msg_id in self._early:
+                    return self._early.pop(msg_id)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CliError(
+                    f"no answer from the kernel of {self.connection_file} within {self.timeout:g}s: "
+                    "is it still running? (the connection file may be stale)"
+                )
+            try:
+                msg = self._client.control_channel.get_msg(timeout=remaining)
+            except queue.Empty:
+                continue
+            parent_id = msg.get("parent_header", {}).get("msg_id")
+            if parent_id in waiting_for:
+                self._early[parent_id] = msg
+
+    def request(self, action: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return the reply content; a polycell error becomes a `CliError`."""
+        deadline = time.monotonic() + self.timeout
+        request_id = self._send("polycell_request", {"action": action, **fields})
+        if not self._verified:
+            # The control channel answers in order: a kernel_info reply that comes
+            # before ours means the kernel skipped our request (no polycell there).
+            probe_id = self._send("kernel_info_request", {})
+            first = self._next_reply(deadline, {request_id, probe_id})
+            if first["parent_header"]["msg_id"] == probe_id:
+                raise CliError(
+                    f"the kernel of {self.connection_file} does not answer polycell requests: "
+                    "run %load_ext polycell in it, or start it with the polycell kernel"
+                )
+            self._verified = True
+            reply = first
+        else:
+            reply = self._next_reply(deadline, {request_id})
+        content = reply["content"]
+        if content.get("status") != "ok":
+            raise CliError(str(content.get("evalue") or content))
+        return content
+
+
+# -- printing records ------------------------------------------------------------------------------
+
+
+def record_text(record: Record, *, colour: bool) -> tuple[str, str]:
+    """(stream name, text) for a record in a terminal: rich outputs as their text/plain."""
+    kind, content = record["msg_type"], record["content"]
+    if kind == "stream":
+        return content["name"], content["text"]
+    if kind in ("display_data", "update_display_data", "execute_result"):
+        text = content.get("data", {}).get("text/plain", "")
+        if not text and content.get("data"):
+            text = f"<{', '.join(content['data'])}>"
+        prefix = f"Out[{content['execution_count']}]: " if kind == "execute_result" else ""
+        return "stdout", f"{prefix}{text}\n" if text else ""
+    if kind == "error":
+        text = "\n".join(content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"])
+        return "stderr", (text if colour else _ANSI.sub("", text)) + "\n"
+    return "stdout", ""  # clear_output and the like have no text
+
+
+def write_records(records: Sequence[Record], out: TextIO, err: TextIO) -> None:
+    for record in records:
+        name, text = record_text(record, colour=err.isatty())
+        if not text:
+            continue
+        if name == "stderr":
+            out.flush()  # keep stdout and stderr in journal order on a terminal
+            err.write(text)
+            err.flush()
+        else:
+            out.write(text)
+    out.flush()
+
+
+# -- the commands --------------------------------------------------------------------------------------
+
+
+def cmd_jobs(link: KernelLink, as_json: bool) -> int:
+    rows = link.request("jobs")["jobs"]
+    print(json.dumps(rows, indent=2) if as_json else view.rows_text(rows))
+    return 0
+
+
+def cmd_kill(link: KernelLink, job_id: int) -> int:
+    reply = link.request("kill", job=job_id)
+    outcome, row = reply["outcome"], reply["job"]
+    if outcome == "already ended":
+        raise CliError(f"job {job_id} already ended ({row['status']})")
+    if outcome == "killed":
+        print(f"job {job_id} killed")
+    else:
+        print(f"job {job_id}: kill requested, still blocked in a call that cannot be interrupted")
+    return 0
+
+
+def cmd_tail(link: KernelLink, job_id: int) -> int:
+    cursor = [0, 0]
+    try:
+        while True:
+            reply = link.request("tail", job=job_id, cursor=cursor)
+            write_records(reply["records"], sys.stdout, sys.stderr)
+            cursor = reply["cursor"]
+            if reply["ended"]:
+                row = reply["job"]
+                print(
+                    f"[job {job_id} {row['status']} after {view.format_elapsed(row['elapsed'])}]",
+                    file=sys.stderr,
+                )
+                return 0
+            if not reply["records"]:
+                time.sleep(_POLL_SECONDS)
+    except KeyboardInterrupt:
+        print(f"\n[detached from job {job_id}; it keeps running]", file=sys.stderr)
+        return 0
+
+
+def _top_table(rows: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    colours = {"running": "blue", "done": "green", "failed": "red", "killed": "yellow", "killing": "yellow"}
+    table = Table(title=title, title_justify="left", expand=False)
+    for column in view.COLUMNS:
+        table.add_column(column, no_wrap=column != "last output")
+    for row in rows:
+        status = f"[{colours.get(row['status'], 'white')}]{row['status']}[/]"
+        table.add_row(
+            str(row["id"]),
+            row["name"],
+            row["mode"],
+            status,
+            view.format_elapsed(row["elapsed"]),
+            row["last_output"],
+        )
+    if not rows:
+        table.add_row("", "no jobs", "", "", "", "")
+    return table
+
+
+def cmd_top(link: KernelLink, once: bool, interval: float) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+
+    def frame() -> Any:
+        reply = link.request("jobs")
+        return _top_table(reply["jobs"], f"polycell: kernel pid {reply['pid']}  {time.strftime('%H:%M:%S')}")
+
+    if once:
+        console.print(frame())
+        return 0
+    try:
+        with Live(frame(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_log(existing: str | None, job_id: int | None, run: int | None) -> int:
+    from polycell.journal_store import read_job, read_jobs, read_runs
+
+    path = find_store(existing)
+    try:
+        if job_id is not None:
+            _job, records = read_job(path, job_id, run)
+            write_records(records, sys.stdout, sys.stderr)
+            return 0
+        runs = read_runs(path)
+        stored = [job for job in read_jobs(path) if run is None or job.run == run]
+    except LookupError as exc:
+        raise CliError(str(exc)) from None
+    except (sqlite3.Error, OSError, ValueError) as exc:  # a damaged or foreign file
+        raise CliError(f"cannot read {path}: {exc}") from None
+    if len({job.run for job in stored}) <= 1:
+        print(view.rows_text([job.row() for job in stored]))
+        return 0
+    for number, (pid, started) in runs.items():
+        in_run = [job.row() for job in stored if job.run == number]
+        if in_run:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            print(f"run {number}: kernel pid {pid}, started {when}")
+            print(view.rows_text(in_run))
+            print()
+    return 0
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="polycell", description="See and steer the background jobs of a running kernel.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, *, job: str | None = None, kernel: bool = True) -> _Parser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if job == "required":
+            sub.add_argument("job", type=int, metavar="N", help="the job id")
+        elif job == "optional":
+            sub.add_argument("job", type=int, metavar="N", nargs="?", help="the job id")
+        sub.add_argument(
+            "--existing",
+            metavar="FILE",
+            help="the kernel's connection file (default: the newest in the Jupyter runtime directory)",
+        )
+        if kernel:
+            sub.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the kernel (3)")
+        return sub
+
+    command("jobs", "the jobs table").add_argument("--json", action="store_true", help="as JSON rows")
+    command("tail", "job N's output so far, then live until it ends; Ctrl-C detaches", job="required")
+    command("kill", "kill job N", job="required")
+    top = command("top", "a live table of the jobs and their last line")
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes (0.5)")
+    log = command(
+        "log",
+        "the jobs, or job N's output, from the journal on disk (no kernel needed)",
+        job="optional",
+        kernel=False,
+    )
+    log.add_argument(
+        "--run", type=int, default=None, help="which kernel run (default: the newest with job N)"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "log":
+        return cmd_log(args.existing, args.job, args.run)
+    if args.timeout <= 0:
+        raise CliError("--timeout must be more than 0 seconds")
+    with KernelLink(find_connection_file(args.existing), args.timeout) as link:
+        if args.command == "jobs":
+            return cmd_jobs(link, args.json)
+        if args.command == "kill":
+            return cmd_kill(link, args.job)
+        if args.command == "tail":
+            return cmd_tail(link, args.job)
+        return cmd_top(link, args.once, args.interval)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``polycell`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"polycell {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `polycell tail 3 | head`
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
+        print(f"polycell {args.command}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Answering ``polycell_request`` messages on the kernel's control channel.
+
+The control channel is served by a thread of its own in ipykernel 7, so a
+request there is answered even while the main thread is stuck in a long call
+(that releases the GIL): this is how ``polycell jobs``, ``kill``, ``tail`` and
+``top`` see a busy kernel. The request is signed with the kernel's own key
+like every Jupyter message, and needs no new port.
+
+Request content: ``{"action": "jobs"}``, ``{"action": "kill", "job": N}`` or
+``{"action": "tail", "job": N, "cursor": [index, offset]}``. The reply
+(``polycell_reply``) has ``status`` "ok" or "error" (with ``evalue``, one
+line). ``tail`` answers with the job's records after the cursor and the next
+cursor (see `OutputJournal.since`): the client polls, and nothing is kept per
+client here, so a client that goes away costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from polycell import view
+from polycell.job import JobError
+from polycell.job_table import JobTable
+
+__all__ = ["REPLY_TYPE", "REQUEST_TYPE", "ControlHandler", "answer"]
+
+REQUEST_TYPE = "polycell_request"
+REPLY_TYPE = "polycell_reply"
+#: Text per tail reply; a client behind gets the rest on its next poll.
+TAIL_MAX_CHARS = 1_000_000
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"status": "error", "ename": "PolycellError", "evalue": message}
+
+
+def _job_id(request: dict[str, Any]) -> int:
+    value = request.get("job")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError(f"{request.get('action')}: 'job' must be a job id (a whole number), not {value!r}")
+    return value
+
+
+def answer(table: JobTable, request: dict[str, Any]) -> dict[str, Any]:
+    """The reply content for one request; never raises."""
+    action = request.get("action")
+    try:
+        if action == "jobs":
+            return {"status": "ok", "pid": os.getpid(), "jobs": [view.job_row(job) for job in table]}
+        if action == "kill":
+            job = table[_job_id(request)]
+            outcome = job.kill()
+            return {"status": "ok", "outcome": outcome.value, "job": view.job_row(job)}
+        if action == "tail":
+            job = table[_job_id(request)]
+            cursor = request.get("cursor") or [0, 0]
+            if not (
+                isinstance(cursor, list) and len(cursor) == 2 and all(isinstance(c, int) for c in cursor)
+            ):
+                raise JobError(f"tail: 'cursor' must be [index, offset], not {cursor!r}")
+            records, index, offset, ended = job.journal.since(cursor[0], cursor[1], TAIL_MAX_CHARS)
+            return {
+                "status": "ok",
+                "records": records,
+                "cursor": [index, offset],
+                "ended": ended,
+                "job": view.job_row(job),
+            }
+    except JobError as exc:
+        return _error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a client waits for a reply: always send one
+        return _error(f"{action}: {type(exc).__name__}: {exc}")
+    return _error(f"unknown action {action!r}: use jobs, kill or tail")
+
+
+class ControlHandler:
+    """Registers `answer` as the kernel's handler for ``polycell_request``."""
+
+    def __init__(self, table: JobTable) -> None:
+        self.table = table
+        self.kernel: Any = None
+
+    def install(self, kernel: Any) -> None:
+        # ipykernel 7.4.0 internals: Kernel.__init__ builds `control_handlers`
+        # (msg_type -> handler(stream, idents, msg)) and `process_control` looks
+        # the msg_type up there, on the control thread. There is no public way to
+        # add a message type; tests/test_cli.py::test_ipykernel_control_dispatch_is_where_we_reach
+        # fails if this moves.
+        kernel.control_handlers[REQUEST_TYPE] = self._handle
+        self.kernel = kernel
+
+    def uninstall(self) -> None:
+        if self.kernel is not None and self.kernel.control_handlers.get(REQUEST_TYPE) == self._handle:
+            del self.kernel.control_handlers[REQUEST_TYPE]
+        self.kernel = None
+
+    def _handle(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        content = parent.get("content")
+        if isinstance(content, dict):
+            reply = answer(self.table, content)
+        else:
+            reply = _error("a polycell_request's content must be an object")
+        self.kernel.session.send(stream, REPLY_TYPE, reply, parent, ident)

@@ -1,0 +1,470 @@
+"""Every job's journal, also on disk, so output outlives the kernel.
+
+A `JournalStore` follows the journal of each job and writes its records to an
+SQLite database (WAL mode) next to the kernel's connection file, one database
+per kernel: ``kernel-<id>.json`` -> ``polycell-<id>.sqlite``. After a crash or
+a restart, ``polycell log`` reads what the jobs printed up to the end.
+
+Writing is off the job's hot path: the journal follower only puts the record
+on a queue; one writer thread drains it, merges consecutive text of the same
+stream into one row, and commits a batch every `interval` seconds (or every
+`batch_records` records). A job printing 100,000 lines costs it 100,000 queue
+puts, and the disk a handful of rows.
+
+The database stays under `max_bytes`: past it, the oldest ended jobs are
+deleted first; if only running jobs are left, their oldest rows go and the job
+counts them in ``dropped``. Each kernel process that opens the database is a
+new *run* (job ids restart at 1 after a restart), so rows are keyed by
+(run, job, seq).
+
+The reading side (`read_jobs`, `read_job`) needs no kernel at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polycell.job import Job
+from polycell.journal import Record
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "JournalStore",
+    "StoredJob",
+    "read_job",
+    "read_jobs",
+    "read_runs",
+    "store_path",
+]
+
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+_MAX_ROW_CHARS = 64_000
+#: Identifies this process's run even if the extension is unloaded and loaded again.
+_PROCESS_TOKEN = uuid.uuid4().hex
+_STOP = object()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    started REAL NOT NULL,
+    connection_file TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    run INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started REAL,
+    ended REAL,
+    dropped INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run, id)
+);
+CREATE TABLE IF NOT EXISTS records (
+    run INTEGER NOT NULL,
+    job INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    msg_type TEXT NOT NULL,
+    content TEXT NOT NULL,
+    PRIMARY KEY (run, job, seq)
+) WITHOUT ROWID;
+"""
+
+
+def store_path(connection_file: str | os.PathLike[str]) -> Path:
+    """The database of the kernel with this connection file (which need not exist any more)."""
+    path = Path(connection_file)
+    stem = path.stem
+    kernel_id = stem[len("kernel-") :] if stem.startswith("kernel-") else stem
+    return path.with_name(f"polycell-{kernel_id}.sqlite")
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "name": job.name,
+        "mode": job.mode,
+        "status": str(job.status),
+        "started": job.started_at if job.started_at is not None else job.created_at,
+        "ended": job.ended_at,
+    }
+
+
+class JournalStore:
+    """Writes the journals of the jobs it tracks to one SQLite database, from a thread of its own."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        interval: float = 0.1,
+        batch_records: int = 20_000,
+        connection_file: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.interval = interval
+        self.batch_records = batch_records
+        # A deque, not a queue.Queue: appending wakes nobody, so a job printing in a
+        # tight loop never hands the GIL to the writer once per line.
+        self._pending: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._cancels: list[Any] = []
+        self._failed = False
+        # Open (and create) in the caller's thread so a bad path fails loudly and at once.
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.run = self._open_run(connection_file)
+        self._seqs: dict[int, int] = {}
+        self._thread = threading.Thread(target=self._serve, name="polycell-journal-store", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_connection_file(cls, connection_file: str, **kwargs: Any) -> JournalStore:
+        return cls(store_path(connection_file), connection_file=connection_file, **kwargs)
+
+    def _open_run(self, connection_file: str | None) -> int:
+        conn = self._conn
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new database
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA journal_size_limit = 8388608")
+        conn.executescript(_SCHEMA)
+        row = conn.execute(
+            "SELECT run FROM runs WHERE token = ? AND pid = ?", (_PROCESS_TOKEN, os.getpid())
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        cursor = conn.execute(
+            "INSERT INTO runs (pid, token, started, connection_file) VALUES (?, ?, ?, ?)",
+            (os.getpid(), _PROCESS_TOKEN, time.time(), connection_file),
+        )
+        return int(cursor.lastrowid or 0)
+
+    # -- the job side: only queue puts ------------------------------------------------------
+
+    def track(self, job: Job) -> None:
+        """Store `job`: its metadata now and at every state change, its journal as it grows.
+
+        A job already tracked by an earlier store of this process (the extension
+        was reloaded) is written again from its in-memory journal.
+        """
+        put = self._put
+        put(("reset", job.id, _job_row(job)))
+        job.add_state_listener(lambda changed: put(("job", changed.id, _job_row(changed))))
+
+        # The hot path of a printing job: one deque append and a length check.
+        pending, wake, limit, job_id = self._pending, self._wake, self.batch_records, job.id
+
+        def follow(record: Record | None) -> None:
+            if record is not None:
+                pending.append(("record", job_id, record))
+                if len(pending) >= limit:
+                    wake.set()
+
+        sub = job.journal.follow(follow, replay=True)
+        self._cancels.append(sub.cancel)
+        if job.done:
+            put(("job", job.id, _job_row(job)))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is committed."""
+        done = threading.Event()
+        self._pending.append(done)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        for cancel in self._cancels:
+            cancel()
+        self._pending.append(_STOP)
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _put(self, item: Any) -> None:
+        self._pending.append(item)
+        if len(self._pending) >= self.batch_records:
+            self._wake.set()
+
+    def _serve(self) -> None:
+        """Every `interval` (or sooner when asked), write what is pending as one transaction."""
+        pending = self._pending
+        try:
+            while True:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                # What is there now; a job still printing gets the rest into the next batch.
+                batch = [pending.popleft() for _ in range(len(pending))]
+                if batch and self._write_batch(batch):
+                    return
+        finally:
+            self._conn.close()
+
+    def _write_batch(self, batch: list[Any]) -> bool:
+        """Write one batch in one transaction; True when asked to stop.
+
+        Consecutive text of one job's stream becomes one row (up to
+        `_MAX_ROW_CHARS`); this loop is the writer's whole cost, so it is kept tight.
+        """
+        rows: list[tuple[int, int, int, str, str]] = []
+        jobs: dict[int, dict[str, Any]] = {}
+        resets: list[int] = []
+        events: list[threading.Event] = []
+        stop = False
+        seqs, run, dumps = self._seqs, self.run, json.dumps
+        # The stream text being merged: its job, stream name, pieces and size.
+        held: list[str] = []
+        held_job, held_name, held_size = -1, "", 0
+
+        def add(job_id: int, msg_type: str, content: dict[str, Any]) -> None:
+            seq = seqs.get(job_id, 0)
+            seqs[job_id] = seq + 1
+            rows.append((run, job_id, seq, msg_type, dumps(content, default=str)))
+
+        def flush_stream() -> None:
+            if held:
+                add(held_job, "stream", {"name": held_name, "text": "".join(held)})
+
+        for item in batch:
+            if item is _STOP:
+                stop = True
+                continue
+            if isinstance(item, threading.Event):
+                events.append(item)
+                continue
+            kind, job_id, payload = item
+            if kind == "record" and payload["msg_type"] == "stream":
+                content = payload["content"]
+                text = content["text"]
+                if job_id != held_job or content["name"] != held_name or held_size >= _MAX_ROW_CHARS:
+                    flush_stream()
+                    held_job, held_name, held, held_size = job_id, content["name"], [], 0
+                held.append(text)
+                held_size += len(text)
+                continue
+            flush_stream()
+            held_job, held, held_size = -1, [], 0
+            if kind == "record":
+                add(job_id, payload["msg_type"], payload["content"])
+            elif kind == "job":
+                jobs[job_id] = payload
+            else:  # reset: the job is written again from its start
+                rows = [row for row in rows if row[1] != job_id]
+                resets.append(job_id)
+                seqs[job_id] = 0
+                jobs[job_id] = payload
+        flush_stream()
+        if not self._failed:
+            try:
+                self._commit(resets, jobs, rows)
+            except sqlite3.Error as exc:
+                self._failed = True
+                print(f"polycell: journal store {self.path} stopped: {exc}", file=sys.__stderr__)
+        for event in events:
+            event.set()
+        return stop
+
+    def _commit(
+        self, resets: list[int], jobs: dict[int, dict[str, Any]], rows: list[tuple[int, int, int, str, str]]
+    ) -> None:
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            for job_id in resets:
+                conn.execute("DELETE FROM records WHERE run = ? AND job = ?", (self.run, job_id))
+            conn.executemany(
+                "INSERT INTO jobs (run, id, name, mode, status, started, ended) "
+                "VALUES (:run, :id, :name, :mode, :status, :started, :ended) "
+                "ON CONFLICT (run, id) DO UPDATE SET name = excluded.name, mode = excluded.mode, "
+                "status = excluded.status, started = excluded.started, ended = excluded.ended",
+                [{"run": self.run, **row} for row in jobs.values()],
+            )
+            conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
+            trimmed = self._enforce_cap()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if trimmed:
+            conn.execute("PRAGMA incremental_vacuum")
+
+    def used_bytes(self) -> int:
+        """Bytes of the database holding data (free pages excluded)."""
+        conn = self._conn
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def _enforce_cap(self) -> bool:
+        """Delete the oldest output until the database is under `max_bytes`; True if anything went."""
+        conn = self._conn
+        trimmed = False
+        while self.used_bytes() > self.max_bytes:
+            trimmed = True
+            oldest = conn.execute(
+                "SELECT run, id FROM jobs WHERE ended IS NOT NULL OR run != ? "
+                "ORDER BY run, started, id LIMIT 1",
+                (self.run,),
+            ).fetchone()
+            if oldest is not None:
+                conn.execute("DELETE FROM records WHERE run = ? AND job = ?", oldest)
+                conn.execute("DELETE FROM jobs WHERE run = ? AND id = ?", oldest)
+                continue
+            # Only running jobs are left: drop the oldest half of the biggest one's rows.
+            biggest = conn.execute(
+                "SELECT job, COUNT(*) AS n, MIN(seq) FROM records WHERE run = ? "
+                "GROUP BY job ORDER BY SUM(LENGTH(content)) DESC LIMIT 1",
+                (self.run,),
+            ).fetchone()
+            if biggest is None or biggest[1] <= 1:
+                return trimmed  # one row bigger than the cap: keep it rather than nothing
+            job_id, count, first = biggest
+            cut = first + max(1, count // 2)
+            conn.execute("DELETE FROM records WHERE run = ? AND job = ? AND seq < ?", (self.run, job_id, cut))
+            conn.execute(
+                "UPDATE jobs SET dropped = dropped + ? WHERE run = ? AND id = ?",
+                (max(1, count // 2), self.run, job_id),
+            )
+        return trimmed
+
+
+# -- reading, without a kernel ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    run: int
+    id: int
+    name: str
+    mode: str
+    status: str
+    started: float | None
+    ended: float | None
+    dropped: int
+    last_output: str = ""
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended if self.ended is not None else time.time()) - self.started
+
+    def row(self) -> dict[str, Any]:
+        """The job as `view.job_row` shapes it, so stored and live tables look the same."""
+        last = self.last_output
+        if len(last) > 60:
+            last = last[:59] + "…"
+        return {
+            "id": self.id,
+            "name": self.name,
+            "mode": self.mode,
+            "status": self.status,
+            "elapsed": round(self.elapsed, 3),
+            "last_output": last,
+            "info": {"run": self.run},
+        }
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise FileNotFoundError(f"no polycell journal at {path}")
+    try:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:  # pragma: no cover - e.g. a read-only directory without the -shm file
+        return sqlite3.connect(path)
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether a process exists; None where that cannot be asked safely (Windows)."""
+    if os.name != "posix":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_runs(path: str | os.PathLike[str]) -> dict[int, tuple[int, float]]:
+    """Each kernel process that wrote to the database: run -> (pid, started)."""
+    conn = _connect_readonly(Path(path))
+    try:
+        rows = conn.execute("SELECT run, pid, started FROM runs ORDER BY run").fetchall()
+    finally:
+        conn.close()
+    return {run: (pid, started) for run, pid, started in rows}
+
+
+def read_jobs(path: str | os.PathLike[str]) -> list[StoredJob]:
+    """Every stored job, oldest run first. Jobs left running by a kernel that is gone are ``lost``."""
+    conn = _connect_readonly(Path(path))
+    try:
+        alive = {run: _pid_alive(pid) for run, pid in conn.execute("SELECT run, pid FROM runs").fetchall()}
+        rows = conn.execute(
+            "SELECT run, id, name, mode, status, started, ended, dropped FROM jobs ORDER BY run, id"
+        ).fetchall()
+        last_texts = [
+            conn.execute(
+                "SELECT content FROM records WHERE run = ? AND job = ? AND msg_type = 'stream' "
+                "ORDER BY seq DESC LIMIT 1",
+                row[:2],
+            ).fetchone()
+            for row in rows
+        ]
+    finally:
+        conn.close()
+    jobs = []
+    for row, last_text in zip(rows, last_texts, strict=True):
+        text = json.loads(last_text[0])["text"] if last_text else ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        job = StoredJob(*row, last_output=lines[-1] if lines else "")
+        if job.status in ("pending", "running") and alive.get(job.run) is False:
+            job = StoredJob(**{**job.__dict__, "status": "lost"})
+        jobs.append(job)
+    return jobs
+
+
+def read_job(
+    path: str | os.PathLike[str], job_id: int, run: int | None = None
+) -> tuple[StoredJob, list[Record]]:
+    """Job `job_id` of `run` (default: the newest run that has one) and its records, in order.
+
+    Raises LookupError when there is no such job.
+    """
+    candidates = [job for job in read_jobs(path) if job.id == job_id and (run is None or job.run == run)]
+    if not candidates:
+        where = f" in run {run}" if run is not None else ""
+        raise LookupError(f"no job {job_id}{where} in {path}")
+    job = candidates[-1]
+    conn = _connect_readonly(Path(path))
+    try:
+        rows = conn.execute(
+            "SELECT msg_type, content FROM records WHERE run = ? AND job = ? ORDER BY seq",
+            (job.run, job.id),
+        ).fetchall()
+    finally:
+        conn.close()
+    records: list[Record] = [
+        {"msg_type": msg_type, "content": json.loads(content)} for msg_type, content in rows
+    ]
+    if job.dropped:
+        note = f"[polycell: {job.dropped:,} earlier records were dropped to keep the journal store small]\n"
+        records.insert(0, {"msg_type": "stream", "content": {"name": "stderr", "text": note}})
+    return job, records
