@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
+import sys
 import uuid
 from typing import Any
 
@@ -172,9 +174,6 @@ def open_store() -> JournalStore | None:
     A store that cannot be opened (read-only directory...) is reported once and
     the kernel runs without it.
     """
-    import os
-    import sys
-
     try:
         max_mb = float(os.environ.get("POLYCELL_STORE_MAX_MB", DEFAULT_MAX_BYTES / 2**20))
     except ValueError:
