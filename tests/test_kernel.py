@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kernel_session import KernelSession, Msg
 
+from kernel_session import KernelSession, Msg
 from polycell.kernel import ExecutionCounter, OutOfQueue, out_of_queue_action
 
 ARGV = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
@@ -147,7 +147,11 @@ def test_the_kernel_intercepts_in_the_shell_channel_thread(pk):
     ("code", "metadata", "expected"),
     [
         ("%%bg\nx = 1", {}, OutOfQueue("cell_magic", magic="bg", cell="x = 1")),
-        ("\n  \n%%bg --mode task\nawait f()", {}, OutOfQueue("cell_magic", magic="bg", line="--mode task", cell="await f()")),
+        (
+            "\n  \n%%bg --mode task\nawait f()",
+            {},
+            OutOfQueue("cell_magic", magic="bg", line="--mode task", cell="await f()"),
+        ),
         ("%bg time.sleep(1)", {}, OutOfQueue("line_magic", magic="bg", line="time.sleep(1)")),
         ("%jobs", {}, OutOfQueue("line_magic", magic="jobs")),
         ("%job kill 3", {}, OutOfQueue("line_magic", magic="job", line="kill 3")),
@@ -163,7 +167,7 @@ def test_the_kernel_intercepts_in_the_shell_channel_thread(pk):
         ("print(1)", {"tags": ["background"]}, None),
         ("print(1)", {}, None),
     ],
-)  # fmt: skip
+)
 def test_out_of_queue_action(code, metadata, expected):
     assert out_of_queue_action(code, metadata) == expected
 
@@ -229,7 +233,9 @@ def test_bg_and_tagged_cells_start_while_the_foreground_sleeps(pk):
     for msg_id in (bg, tagged, by_metadata):
         assert idle_index(pk, msg_id) < fg_idle
         (started,) = [
-            m for m in pk.messages if m["msg_type"] == "execute_input" and m["parent_header"]["msg_id"] == msg_id
+            m
+            for m in pk.messages
+            if m["msg_type"] == "execute_input" and m["parent_header"]["msg_id"] == msg_id
         ]
         counts.append(started["content"]["execution_count"])
         assert replies[msg_id]["content"]["execution_count"] == counts[-1]
@@ -255,7 +261,7 @@ def test_interrupt_stops_only_the_foreground(pk):
 
 
 def test_kill_a_job_while_the_main_thread_sleeps(pk):
-    bg = pk.execute("%%bg\nwhile True:\n    time.sleep(0.05)")
+    bg = pk.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
     pk.reply(bg)
     job = job_of(pk, bg)
     fg = start_foreground(pk)
@@ -278,7 +284,9 @@ def test_bad_background_requests_give_one_line_and_the_kernel_goes_on(pk):
     fg = start_foreground(pk)
     cases = {
         "%%bg --mode nope\n1": "UsageError: %%bg: argument --mode: invalid choice: 'nope'",
-        "%%bg --mode thread --backend trio\n1": "UsageError: --backend trio is for task mode only, not --mode thread",
+        "%%bg --mode thread --backend trio\n1": (
+            "UsageError: --backend trio is for task mode only, not --mode thread"
+        ),
         "%%bg --backend curio\n1": "UsageError: unknown backend 'curio': choose one of asyncio, trio",
         "%job kill 99": "UsageError: no job 99",
     }
@@ -355,7 +363,9 @@ def test_trio_backend_runs_and_kills_task_jobs(pk):
         "trio",
         "done in trio",
     )
-    forever = pk.execute("%%bg --mode task --backend trio\nimport trio\nprint('sleeping')\nawait trio.sleep(60)")
+    forever = pk.execute(
+        "%%bg --mode task --backend trio\nimport trio\nprint('sleeping')\nawait trio.sleep(60)"
+    )
     pk.reply(forever)
     job = job_of(pk, forever)
     pk.wait_for(lambda m: m["parent_header"].get("msg_id") == forever and m["msg_type"] == "stream")
@@ -369,7 +379,7 @@ def test_trio_backend_runs_and_kills_task_jobs(pk):
 
 
 def test_jobs_lists_the_kernels_other_threads(pk):
-    bg = pk.execute("%%bg --name sleeper\ntime.sleep(60)")
+    bg = pk.execute("%%bg --name sleeper\nimport time\ntime.sleep(60)")
     pk.reply(bg)
     job = job_of(pk, bg)
     reply = pk.run("%jobs")
@@ -394,7 +404,7 @@ def _stop_client(k: KernelSession) -> None:
 def test_shutdown_and_restart_end_every_job_and_say_so(restart):
     k = KernelSession(ARGV, load_ext=False)
     try:
-        thread = k.execute("%%bg\nwhile True:\n    time.sleep(0.05)")
+        thread = k.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
         task = k.execute("%%bg\nimport asyncio\nawait asyncio.sleep(60)")
         jobs = [job_of(k, thread), job_of(k, task)]
         k.reply(thread)

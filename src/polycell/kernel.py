@@ -31,6 +31,7 @@ import getpass
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -207,6 +208,7 @@ class PolycellKernel(_Ipykernel74):
         super().__init__(**kwargs)
         self.counter = ExecutionCounter(self.shell)
         self._stdin_lock = threading.Lock()
+        self._forward_input(False)  # so a job started before any foreground cell can ask too
         try:
             self.shell.extension_manager.load_extension("polycell")
         except Exception:
@@ -295,6 +297,10 @@ class PolycellKernel(_Ipykernel74):
             error = exc if isinstance(exc, UsageError) else UsageError(str(exc))
             self.shell.show_usage_error(error)
             return {**reply, "status": "error", "ename": "UsageError", "evalue": str(error), "traceback": []}
+        finally:
+            # As ipykernel does before a reply: what the cell printed goes out first.
+            sys.stdout.flush()
+            sys.stderr.flush()
         expressions = request["content"].get("user_expressions") or {}
         reply["user_expressions"] = self.shell.user_expressions(expressions)
         return reply
