@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import os
 import sys
 import uuid
@@ -25,7 +26,14 @@ from polycell.job_table import MODES, JobTable, jobs
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
 from polycell.routing import OutputRouter, write_error, write_result
 
-__all__ = ["Polycell", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["Polycell", "cell_execution_count", "load_ipython_extension", "unload_ipython_extension"]
+
+#: The execution count of the request starting a job, when it is not the shell's
+#: current cell: the polycell kernel starts ``%%bg`` cells off the main thread,
+#: while another cell is running, and sets this in the context it starts them in.
+cell_execution_count: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "polycell_cell_execution_count", default=None
+)
 
 
 class JobHandle:
@@ -83,6 +91,9 @@ class Polycell:
 
     def current_execution_count(self) -> int:
         """The number of the cell running now (IPython 8 and 9 count at different times)."""
+        given = cell_execution_count.get()
+        if given is not None:
+            return given
         running = getattr(self.shell.displayhook, "exec_result", None)
         count = getattr(running, "execution_count", None)
         return count if isinstance(count, int) else self.shell.execution_count
@@ -94,8 +105,18 @@ class Polycell:
             raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         return mode
 
-    def run_cell(self, raw_cell: str, *, mode: str | None = None, name: str | None = None) -> Job | None:
-        """Start a cell as a background job of the current cell; None if it does not compile."""
+    def run_cell(
+        self,
+        raw_cell: str,
+        *,
+        mode: str | None = None,
+        name: str | None = None,
+        backend: str | None = None,
+    ) -> Job | None:
+        """Start a cell as a background job of the current cell; None if it does not compile.
+
+        `backend` picks the event loop of a task job (asyncio by default, or trio).
+        """
         if not raw_cell.strip():
             raise JobError("%%bg: the cell is empty; put the code to run in the background below %%bg")
         count = self.current_execution_count()
@@ -104,13 +125,20 @@ class Polycell:
         except SyntaxError:
             self.shell.showsyntaxerror()
             return None
-        mode = self.choose_mode(cell, mode)
+        if backend is not None and mode not in (None, "task"):
+            raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
+        mode = "task" if backend is not None else self.choose_mode(cell, mode)
+        runner = self.jobs.runner(mode, backend)
         job = self.jobs.new_job(mode, name=name, source=raw_cell)
+        if backend is not None:
+            job.info["backend"] = backend
         namespace = self.shell.user_ns
         shell = self.shell
 
         def fail(exc: BaseException) -> None:
-            if not isinstance(exc, (JobKilled, asyncio.CancelledError)):
+            # Whatever a kill raises in the job (JobKilled, asyncio or trio cancellation)
+            # is the kill's doing, not an error of the cell.
+            if not isinstance(exc, (JobKilled, asyncio.CancelledError)) and not job.kill_requested:
                 write_error(job, shell, exc, cell.filename)
 
         body: Any
@@ -137,7 +165,7 @@ class Polycell:
                 return value
 
         self.attach(job)
-        self.jobs.runner(mode).submit(job, body)
+        runner.submit(job, body)
         return job
 
     def attach(self, job: Job) -> None:

@@ -17,12 +17,18 @@ from polycell import view
 from polycell.job import Job, JobError, Runner
 from polycell.journal import DEFAULT_MAX_CHARS, OutputJournal
 
-__all__ = ["MODES", "JobTable", "jobs"]
+__all__ = ["MODES", "TASK_BACKENDS", "JobTable", "jobs"]
 
 #: mode -> "module:Runner class"; a mode is importable only when used.
 MODES: dict[str, str] = {
     "thread": "polycell.thread:ThreadRunner",
     "task": "polycell.task:TaskRunner",
+}
+
+#: Event loops a task job can run on, besides the default (asyncio, `MODES["task"]`).
+TASK_BACKENDS: dict[str, str] = {
+    "asyncio": "polycell.task:TaskRunner",
+    "trio": "polycell.trio_task:TrioTaskRunner",
 }
 
 
@@ -32,7 +38,7 @@ class JobTable:
     def __init__(self) -> None:
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
-        self._runners: dict[str, Runner] = {}
+        self._runners: dict[tuple[str, str | None], Runner] = {}
         self._lock = threading.Lock()
         #: Cap, in characters, on each new job's journal kept in memory.
         self.journal_max_chars = DEFAULT_MAX_CHARS
@@ -68,16 +74,26 @@ class JobTable:
 
     # -- starting ----------------------------------------------------------------------
 
-    def runner(self, mode: str) -> Runner:
-        """The runner for `mode`, made on first use."""
+    def runner(self, mode: str, backend: str | None = None) -> Runner:
+        """The runner for `mode` (and, for task mode, the event loop `backend`), made on first use."""
+        if backend == "asyncio":
+            backend = None
         with self._lock:
-            runner = self._runners.get(mode)
+            runner = self._runners.get((mode, backend))
             if runner is None:
                 if mode not in MODES:
                     raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-                module_name, _, class_name = MODES[mode].partition(":")
+                target = MODES[mode]
+                if backend is not None:
+                    if mode != "task":
+                        raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
+                    if backend not in TASK_BACKENDS:
+                        choices = ", ".join(TASK_BACKENDS)
+                        raise JobError(f"unknown backend {backend!r}: choose one of {choices}")
+                    target = TASK_BACKENDS[backend]
+                module_name, _, class_name = target.partition(":")
                 runner_class = getattr(importlib.import_module(module_name), class_name)
-                runner = self._runners[mode] = runner_class()
+                runner = self._runners[(mode, backend)] = runner_class()
             return runner
 
     def new_job(self, mode: str, *, name: str | None = None, source: str = "", **info: Any) -> Job:

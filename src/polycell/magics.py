@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import threading
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -39,6 +40,7 @@ def _bg_parser(prog: str, *, statement: bool) -> _Parser:
     parser = _Parser(prog=prog, add_help=False)
     parser.add_argument("--mode", choices=list(MODES), default=None)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--backend", default=None)
     if statement:
         parser.add_argument("statement", nargs=argparse.REMAINDER)
     return parser
@@ -65,22 +67,23 @@ class PolycellMagics(Magics):
         except JobError as exc:
             raise UsageError(str(exc)) from None
 
-    def _start(self, code: str, mode: str | None, name: str | None) -> None:
+    def _start(self, code: str, mode: str | None, name: str | None, backend: str | None = None) -> None:
         try:
-            self.polycell.run_cell(code, mode=mode, name=name)
+            self.polycell.run_cell(code, mode=mode, name=name, backend=backend)
         except JobError as exc:
             raise UsageError(str(exc)) from None
 
     @cell_magic
     def bg(self, line: str, cell: str) -> None:
-        """Run this cell as a background job: %%bg [--mode thread|task] [--name NAME]
+        """Run this cell as a background job: %%bg [--mode M] [--name NAME] [--backend asyncio|trio]
 
         The cell returns at once and shows the job's handle; the job's output
         appears in this cell while other cells run. Default mode: task when
-        the cell has a top-level await, else thread.
+        the cell has a top-level await, else thread. ``--backend trio`` runs a
+        task job on a trio event loop instead of asyncio.
         """
         args = _bg_parser("%%bg", statement=False).parse_args(_split(line, "%%bg"))
-        self._start(cell, args.mode, args.name)
+        self._start(cell, args.mode, args.name, args.backend)
 
     @line_magic("bg")
     def bg_line(self, line: str) -> None:
@@ -89,14 +92,17 @@ class PolycellMagics(Magics):
         args = _bg_parser("%bg", statement=False).parse_args(_split(options, "%bg"))
         if not statement.strip():
             raise UsageError("%bg: give a statement to run, e.g. %bg time.sleep(5)")
-        self._start(statement, args.mode, args.name)
+        self._start(statement, args.mode, args.name, args.backend)
 
     @line_magic
     def jobs(self, line: str) -> None:
-        """Show the table of jobs: id, name, mode, status, elapsed time, last output."""
+        """Show the table of jobs (id, name, mode, status, elapsed time, last output),
+        then the kernel's other threads: what else is running in this process."""
         if line.strip():
             raise UsageError("%jobs takes no arguments")
-        display(JobsView(list(self.polycell.jobs)))
+        jobs = list(self.polycell.jobs)
+        job_threads = {job.info.get("thread") for job in jobs if not job.done}
+        display(JobsView(jobs, other_threads(job_threads)))
 
     @line_magic
     def job(self, line: str) -> Any:
@@ -146,6 +152,16 @@ class PolycellMagics(Magics):
         else:
             print(f"job {job.id} {job.status}")
         return None
+
+
+def other_threads(job_threads: set[str | None]) -> list[str]:
+    """One line per live thread that is not running a job: its name, and whether it is a daemon."""
+    threads = [t for t in threading.enumerate() if t.name not in job_threads]
+    lines = [f"{len(threads)} other thread(s) in this kernel:"]
+    for thread in sorted(threads, key=lambda t: (t is not threading.main_thread(), t.name)):
+        kind = "daemon" if thread.daemon else "non-daemon"
+        lines.append(f"  {thread.name} ({kind})")
+    return lines
 
 
 def _split_line_options(line: str) -> tuple[str, str]:

@@ -1,0 +1,468 @@
+"""The polycell kernel, for real: background cells that do not wait for a busy main thread.
+
+Every test starts ``python -m polycell.kernelapp`` (no ``%load_ext``: the kernel
+loads polycell itself) and talks to it over ZMQ like a front end. "At once" is
+asserted by message order: a background cell's reply and output arrive before
+the foreground cell, still sleeping, goes idle. No wall-clock assertions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kernel_session import KernelSession, Msg
+from polycell.kernel import ExecutionCounter, OutOfQueue, out_of_queue_action
+
+ARGV = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
+SLEEP = "import time\ntime.sleep(5)\nprint('foreground finished')"
+
+
+@pytest.fixture
+def pk() -> Iterator[KernelSession]:
+    session = KernelSession(ARGV, load_ext=False)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def send_execute(k: KernelSession, code: str, metadata: dict[str, Any] | None = None, **content: Any) -> str:
+    """An execute_request with request metadata, as JupyterLab sends a cell's tags."""
+    body = {
+        "code": code,
+        "silent": False,
+        "store_history": True,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": True,
+        **content,
+    }
+    msg = k.kc.session.msg("execute_request", body, metadata=metadata or {})
+    k.kc.shell_channel.send(msg)
+    return msg["header"]["msg_id"]
+
+
+def start_foreground(k: KernelSession, code: str = SLEEP) -> str:
+    """Send a blocking cell and wait until the main thread has started running it."""
+    msg_id = k.execute(code)
+    k.wait_for(lambda m: m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == msg_id)
+    return msg_id
+
+
+def interrupt(k: KernelSession) -> Msg:
+    """An interrupt_request on the control channel (the kernelspec's interrupt_mode is "message")."""
+    msg = k.kc.session.msg("interrupt_request", {})
+    k.kc.control_channel.send(msg)
+    return k.kc.get_control_msg(timeout=30)
+
+
+def still_busy(k: KernelSession, msg_id: str) -> bool:
+    """True while the cell `msg_id` has not gone idle (judged from iopub messages received so far)."""
+    with k._cond:
+        return not any(
+            m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+            and m["parent_header"].get("msg_id") == msg_id
+            for m in k.messages
+        )
+
+
+def job_of(k: KernelSession, msg_id: str) -> int:
+    handle = k.wait_for(
+        lambda m: (
+            m["msg_type"] == "display_data"
+            and m["parent_header"].get("msg_id") == msg_id
+            and "polycell-handle" in m["content"]["data"].get("text/html", "")
+        )
+    )
+    return int(handle["content"]["data"]["text/plain"].split()[2])
+
+
+def idle_index(k: KernelSession, msg_id: str) -> int:
+    k.wait_idle(msg_id)
+    with k._cond:
+        for i, m in enumerate(k.messages):
+            if (
+                m["msg_type"] == "status"
+                and m["content"]["execution_state"] == "idle"
+                and m["parent_header"].get("msg_id") == msg_id
+            ):
+                return i
+    raise AssertionError("unreachable")
+
+
+# -- the interception point ------------------------------------------------------------------
+
+
+def test_ipykernel_internals_polycell_relies_on():
+    """Fails when ipykernel moves what `polycell.kernel._Ipykernel74` reaches into (written for 7.4.0)."""
+    import ipykernel
+    from ipykernel.ipkernel import IPythonKernel
+    from ipykernel.kernelbase import Kernel
+
+    assert ipykernel.__version__.startswith("7."), ipykernel.__version__
+    # Every shell message passes through this coroutine in the shell channel thread, first.
+    assert inspect.iscoroutinefunction(Kernel.shell_channel_thread_main)
+    assert list(inspect.signature(Kernel.shell_channel_thread_main).parameters) == ["self", "msg"]
+    assert "self.shell_stream.on_recv(self.shell_channel_thread_main" in inspect.getsource(Kernel.start)
+    # The per-context parent that get_parent("shell") and raw_input read.
+    assert {"_shell_parent", "_shell_parent_ident"} <= set(Kernel.__annotations__)
+    source = inspect.getsource(Kernel.raw_input)
+    assert "self._shell_parent_ident" in source and 'self.get_parent("shell")' in source
+    for name in ("_publish_status", "_publish_execute_input", "_input_request", "_send_interrupt_children",
+                 "_process_children", "_get_shell_context_var"):  # fmt: skip
+        assert callable(getattr(Kernel, name)), name
+    assert list(inspect.signature(Kernel._input_request).parameters) == [
+        "self",
+        "prompt",
+        "ident",
+        "parent",
+        "password",
+    ]
+    for name in ("_forward_input", "_restore_input"):
+        assert callable(getattr(IPythonKernel, name)), name
+    assert "self._forward_input(allow_stdin)" in inspect.getsource(IPythonKernel.do_execute)
+
+
+def test_the_kernel_intercepts_in_the_shell_channel_thread(pk):
+    reply = pk.run(
+        "k = get_ipython().kernel\n"
+        "import threading\n"
+        "(type(k).__name__, type(k).shell_channel_thread_main.__module__, k.shell_channel_thread.name)"
+    )
+    assert reply["content"]["status"] == "ok"
+    (result,) = [m for m in pk.outputs(reply["parent_header"]["msg_id"]) if m["msg_type"] == "execute_result"]
+    assert result["content"]["data"]["text/plain"] == "('PolycellKernel', 'polycell.kernel', 'Shell channel')"
+
+
+# -- which requests leave the queue ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "metadata", "expected"),
+    [
+        ("%%bg\nx = 1", {}, OutOfQueue("cell_magic", magic="bg", cell="x = 1")),
+        (
+            "\n  \n%%bg --mode task\nawait f()",
+            {},
+            OutOfQueue("cell_magic", magic="bg", line="--mode task", cell="await f()"),
+        ),
+        ("%bg time.sleep(1)", {}, OutOfQueue("line_magic", magic="bg", line="time.sleep(1)")),
+        ("%jobs", {}, OutOfQueue("line_magic", magic="jobs")),
+        ("%job kill 3", {}, OutOfQueue("line_magic", magic="job", line="kill 3")),
+        ("%job show 3", {}, OutOfQueue("line_magic", magic="job", line="show 3")),
+        ("x = 1", {"tags": ["slow", "bg"]}, OutOfQueue("cell", cell="x = 1")),
+        ("x = 1", {"tags": ["bg:task"]}, OutOfQueue("cell", cell="x = 1", mode="task")),
+        ("x = 1", {"polycell": {"mode": "thread"}}, OutOfQueue("cell", cell="x = 1", mode="thread")),
+        # These wait for the main thread, as in ipykernel:
+        ("%job wait 3", {}, None),
+        ("%bg x = 1\nprint('the rest runs in the foreground')", {}, None),
+        ("x = 1\n%%bg", {}, None),
+        ("%%bgx\n1", {}, None),
+        ("print(1)", {"tags": ["background"]}, None),
+        ("print(1)", {}, None),
+    ],
+)
+def test_out_of_queue_action(code, metadata, expected):
+    assert out_of_queue_action(code, metadata) == expected
+
+
+class _FakeHistory:
+    def __init__(self) -> None:
+        self.stored: list[tuple[int, str]] = []
+
+    def store_inputs(self, count: int, source: str) -> None:
+        self.stored.append((count, source))
+
+
+class _FakeShell:
+    """Only the two attributes ExecutionCounter uses: the count and the history."""
+
+    def __init__(self) -> None:
+        self.execution_count = 5
+        self.history_manager = _FakeHistory()
+
+
+def test_execution_counts_never_collide_with_the_running_cell():
+    shell = _FakeShell()
+    counter = ExecutionCounter(shell)
+    assert counter.reserve("a") == 5  # main thread idle: the next count
+    assert shell.execution_count == 6
+    with counter.foreground():  # cell 6 runs
+        assert counter.reserve("b") == 7
+        assert counter.reserve("c") == 8
+        assert shell.execution_count == 6  # Out[6] stays 6 while it runs
+        assert shell.history_manager.stored == [(5, "a")]
+        shell.execution_count = 7  # IPython moves on when cell 6 ends
+    assert shell.execution_count == 9
+    assert shell.history_manager.stored == [(5, "a"), (7, "b"), (8, "c")]
+
+
+# -- background cells while the main thread is busy -----------------------------------------
+
+
+def test_bg_and_tagged_cells_start_while_the_foreground_sleeps(pk):
+    fg = start_foreground(pk)
+    bg = pk.execute("%%bg\nprint('from %%bg')\ntime.sleep(1)\nprint('bg end')\n6 * 7")
+    tagged = send_execute(pk, "print('from a tagged cell')", metadata={"tags": ["bg"]})
+    by_metadata = send_execute(
+        pk, "import asyncio\nawait asyncio.sleep(0.1)\nprint('task')", metadata={"polycell": {"mode": "task"}}
+    )
+    # Hang guards: these replies come while the foreground still sleeps (4 s < its 5 s).
+    replies = {msg_id: pk.reply(msg_id, timeout=4) for msg_id in (bg, tagged, by_metadata)}
+    assert still_busy(pk, fg)
+    jobs = {msg_id: job_of(pk, msg_id) for msg_id in (bg, tagged, by_metadata)}
+    for msg_id, job in jobs.items():
+        pk.wait_job_end(job, timeout=4)
+        assert still_busy(pk, fg), "a background cell waited for the foreground"
+        assert replies[msg_id]["content"]["status"] == "ok"
+        for msg in pk.job_messages(job):  # the job's output carries its own request's header
+            assert msg["parent_header"]["msg_id"] == msg_id
+    assert pk.text(bg) == "from %%bg\nbg end\n"
+    assert pk.text(tagged) == "from a tagged cell\n"
+    assert pk.text(by_metadata) == "task\n"
+    assert pk.eval(f"jobs[{jobs[by_metadata]}].mode") == "task"
+    # Each background request had its own busy / execute_input / idle, before the foreground ended.
+    fg_idle = idle_index(pk, fg)
+    counts = []
+    for msg_id in (bg, tagged, by_metadata):
+        assert idle_index(pk, msg_id) < fg_idle
+        (started,) = [
+            m
+            for m in pk.messages
+            if m["msg_type"] == "execute_input" and m["parent_header"]["msg_id"] == msg_id
+        ]
+        counts.append(started["content"]["execution_count"])
+        assert replies[msg_id]["content"]["execution_count"] == counts[-1]
+    fg_count = pk.reply(fg)["content"]["execution_count"]
+    assert len({fg_count, *counts}) == 4, "execution counts collide"
+    assert pk.run("1")["content"]["execution_count"] > max(fg_count, *counts)
+    assert "foreground finished" in pk.text(fg)
+
+
+def test_interrupt_stops_only_the_foreground(pk):
+    fg = start_foreground(pk, "import time\ntime.sleep(30)")
+    bg = pk.execute("%%bg\ntime.sleep(1)\nprint('job survived the interrupt')")
+    pk.reply(bg, timeout=10)
+    job = job_of(pk, bg)
+    reply = interrupt(pk)
+    assert reply["content"]["status"] == "ok"
+    fg_reply = pk.reply(fg, timeout=10)
+    assert fg_reply["content"]["status"] == "error"
+    assert fg_reply["content"]["ename"] == "KeyboardInterrupt"
+    pk.wait_job_end(job, timeout=10)
+    assert pk.eval(f"jobs[{job}].status.value") == "done"
+    assert pk.text(bg) == "job survived the interrupt\n"
+
+
+def test_kill_a_job_while_the_main_thread_sleeps(pk):
+    bg = pk.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
+    pk.reply(bg)
+    job = job_of(pk, bg)
+    fg = start_foreground(pk)
+    kill = pk.execute(f"%job kill {job}")
+    assert pk.reply(kill, timeout=4)["content"]["status"] == "ok"
+    pk.wait_job_end(job, timeout=4)
+    assert still_busy(pk, fg)
+    assert pk.text(kill) == f"job {job} killed\n"
+    table = pk.execute("%jobs")
+    pk.reply(table, timeout=4)
+    pk.wait_idle(table)
+    assert still_busy(pk, fg)
+    (shown,) = [m for m in pk.outputs(table) if m["msg_type"] == "display_data"]
+    assert f"{job}   job-{job}  thread  killed" in shown["content"]["data"]["text/plain"]
+    interrupt(pk)
+    pk.reply(fg)
+
+
+def test_bad_background_requests_give_one_line_and_the_kernel_goes_on(pk):
+    fg = start_foreground(pk)
+    cases = {
+        "%%bg --mode nope\n1": "UsageError: %%bg: argument --mode: invalid choice: 'nope'",
+        "%%bg --mode thread --backend trio\n1": (
+            "UsageError: --backend trio is for task mode only, not --mode thread"
+        ),
+        "%%bg --backend curio\n1": "UsageError: unknown backend 'curio': choose one of asyncio, trio",
+        "%job kill 99": "UsageError: no job 99",
+    }
+    for code, expected in cases.items():
+        msg_id = pk.execute(code)
+        reply = pk.reply(msg_id, timeout=4)
+        pk.wait_idle(msg_id, timeout=4)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "UsageError"
+        assert pk.error_line(msg_id).startswith(expected), (code, pk.error_line(msg_id))
+        assert "\n" not in pk.error_line(msg_id)
+    tagged = send_execute(pk, "1", metadata={"tags": ["bg:warp"]})
+    assert pk.reply(tagged, timeout=4)["content"]["status"] == "error"
+    pk.wait_idle(tagged, timeout=4)
+    assert pk.error_line(tagged).startswith("UsageError: unknown mode 'warp'")
+    assert still_busy(pk, fg)
+    interrupt(pk)
+    pk.reply(fg)
+    assert pk.run("1 + 1")["content"]["status"] == "ok"
+
+
+# -- input() in a job ---------------------------------------------------------------------------
+
+
+def test_input_in_a_job_prompts_in_the_jobs_own_cell(pk):
+    fg = start_foreground(pk)
+    bg = pk.execute("%%bg\nprint('before')\nname = input('who? ')\nprint('hello', name)", allow_stdin=True)
+    pk.reply(bg, timeout=4)
+    job = job_of(pk, bg)
+    request = pk.kc.get_stdin_msg(timeout=4)
+    assert request["msg_type"] == "input_request"
+    assert request["parent_header"]["msg_id"] == bg
+    assert request["content"] == {"prompt": "who? ", "password": False}
+    pk.kc.input("polycell")
+    pk.wait_job_end(job, timeout=4)
+    assert still_busy(pk, fg)
+    assert pk.text(bg) == "before\nhello polycell\n"
+    interrupt(pk)
+    pk.reply(fg)
+
+
+def test_input_in_a_job_without_stdin_is_a_clear_error(pk):
+    bg = pk.execute("%%bg\nimport getpass\ngetpass.getpass('secret: ')", allow_stdin=False)
+    pk.reply(bg)
+    job = job_of(pk, bg)
+    pk.wait_job_end(job)
+    assert pk.error_line(bg) == (
+        f"StdinNotImplementedError: getpass() was called in background job {job}, but the front end "
+        "that started it does not accept input requests (allow_stdin is false)"
+    )
+    # The foreground's own input() still works as in ipykernel.
+    fg = pk.execute("answer = input('fg? ')", allow_stdin=True)
+    request = pk.kc.get_stdin_msg(timeout=10)
+    assert request["parent_header"]["msg_id"] == fg
+    pk.kc.input("42")
+    pk.reply(fg)
+    assert pk.eval("answer") == "42"
+
+
+# -- trio --------------------------------------------------------------------------------------
+
+
+def test_trio_backend_runs_and_kills_task_jobs(pk):
+    ok = pk.execute(
+        "%%bg --backend trio\nimport trio\nawait trio.sleep(0.1)\n"
+        "print('trio', trio.lowlevel.current_task().name)\n'done in trio'"
+    )
+    pk.reply(ok)
+    job = job_of(pk, ok)
+    pk.wait_job_end(job)
+    assert pk.text(ok) == f"trio polycell-job-{job}\n"
+    assert pk.eval(f"(jobs[{job}].mode, jobs[{job}].info['backend'], jobs[{job}].result)") == (
+        "task",
+        "trio",
+        "done in trio",
+    )
+    forever = pk.execute(
+        "%%bg --mode task --backend trio\nimport trio\nprint('sleeping')\nawait trio.sleep(60)"
+    )
+    pk.reply(forever)
+    job = job_of(pk, forever)
+    pk.wait_for(lambda m: m["parent_header"].get("msg_id") == forever and m["msg_type"] == "stream")
+    assert pk.text(pk.run(f"%job kill {job}")["parent_header"]["msg_id"]) == f"job {job} killed\n"
+    pk.wait_job_end(job)
+    assert pk.eval(f"jobs[{job}].status.value") == "killed"
+    assert not [m for m in pk.outputs(forever) if m["msg_type"] == "error"]
+
+
+# -- %jobs, shutdown, restart ------------------------------------------------------------------
+
+
+def test_jobs_lists_the_kernels_other_threads(pk):
+    bg = pk.execute("%%bg --name sleeper\nimport time\ntime.sleep(60)")
+    pk.reply(bg)
+    job = job_of(pk, bg)
+    reply = pk.run("%jobs")
+    (shown,) = [m for m in pk.outputs(reply["parent_header"]["msg_id"]) if m["msg_type"] == "display_data"]
+    text = shown["content"]["data"]["text/plain"]
+    assert "sleeper" in text
+    assert "  MainThread (non-daemon)" in text
+    assert "  Shell channel (daemon)" in text
+    assert "  Control (daemon)" in text
+    assert f"polycell-job-{job}" not in text  # a job's thread is in the table, not in the list
+    pk.run(f"%job kill {job}")
+    pk.wait_job_end(job)
+
+
+def _stop_client(k: KernelSession) -> None:
+    k._stop.set()
+    k.kc.stop_channels()
+    k._reader.join(5)
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_shutdown_and_restart_end_every_job_and_say_so(restart):
+    k = KernelSession(ARGV, load_ext=False)
+    try:
+        thread = k.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
+        task = k.execute("%%bg\nimport asyncio\nawait asyncio.sleep(60)")
+        jobs = [job_of(k, thread), job_of(k, task)]
+        k.reply(thread)
+        k.reply(task)
+        old = k.km.provisioner.process
+        reason = "kernel restarting" if restart else "kernel shutting down"
+        if restart:
+            k.km.restart_kernel(now=False)
+        else:
+            k.km.shutdown_kernel(now=False)
+        for job, msg_id in zip(jobs, (thread, task), strict=True):
+            k.wait_for(
+                lambda m, job=job, msg_id=msg_id: (
+                    m["msg_type"] == "stream"
+                    and m["parent_header"].get("msg_id") == msg_id
+                    and f"[job {job} killed: {reason}]" in m["content"]["text"]
+                ),
+                timeout=10,
+            )
+            k.wait_job_end(job, timeout=10)
+        assert old.wait(timeout=10) is not None  # the old kernel process is gone
+    finally:
+        _stop_client(k)
+        if k.km.has_kernel:
+            k.km.shutdown_kernel(now=True)
+
+
+# -- what a stock kernel does keeps working ----------------------------------------------------
+
+
+def test_matplotlib_inline_comms_debugger_and_subshells(pk):
+    plot = pk.run("%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+    images = [
+        m for m in pk.outputs(plot["parent_header"]["msg_id"]) if "image/png" in m["content"].get("data", {})
+    ]
+    assert images
+    pk.kc.comm_info()
+    assert pk.kc.get_shell_msg(timeout=10)["content"]["status"] == "ok"
+
+    def control(msg_type: str, content: dict[str, Any]) -> Msg:
+        msg = pk.kc.session.msg(msg_type, content)
+        pk.kc.control_channel.send(msg)
+        return pk.kc.get_control_msg(timeout=30)
+
+    debug = control(
+        "debug_request",
+        {"type": "request", "seq": 1, "command": "initialize", "arguments": {"adapterID": "polycell-test"}},
+    )
+    assert debug["content"]["success"] is True
+    created = control("create_subshell_request", {})
+    subshell = created["content"]["subshell_id"]
+    fg = start_foreground(pk)
+    msg = pk.kc.session.msg("execute_request", {"code": "6 * 7", "silent": False})
+    msg["header"]["subshell_id"] = subshell
+    pk.kc.shell_channel.send(msg)
+    reply = pk.reply(msg["header"]["msg_id"], timeout=4)
+    assert reply["content"]["status"] == "ok"
+    assert still_busy(pk, fg)
+    control("delete_subshell_request", {"subshell_id": subshell})
+    interrupt(pk)
+    pk.reply(fg)
