@@ -107,6 +107,20 @@ class KernelSession:
         self.wait_idle(msg_id, timeout)
         return reply
 
+    def start_foreground(self, code: str = "import time\ntime.sleep(30)") -> str:
+        """Send a blocking cell and return once its own code is running on the main thread.
+
+        Waiting for ``busy`` or ``execute_input`` is not enough: both are sent before
+        the cell's code starts, and an interrupt landing in between is lost.
+        """
+        msg_id = self.execute("print('foreground started', flush=True)\n" + code)
+        self.wait_for(
+            lambda m: m["msg_type"] == "stream"
+            and m["parent_header"].get("msg_id") == msg_id
+            and "foreground started" in m["content"]["text"]
+        )
+        return msg_id
+
     # -- observing ---------------------------------------------------------------------
 
     def wait_for(self, predicate: Callable[[Msg], bool], timeout: float = 30) -> Msg:

@@ -147,14 +147,7 @@ def test_kill_thread_in_sleep_and_task(kernel):
 def test_interrupt_stops_only_the_foreground(kernel):
     bg = kernel.execute("%%bg\nimport time\nfor i in range(20):\n    print(i)\n    time.sleep(0.1)")
     job = _job_id(kernel, bg)
-    fg = kernel.execute("import time\ntime.sleep(60)")
-    kernel.wait_for(
-        lambda m: (
-            m["msg_type"] == "status"
-            and m["parent_header"].get("msg_id") == fg
-            and m["content"]["execution_state"] == "busy"
-        )
-    )
+    fg = kernel.start_foreground("import time\ntime.sleep(60)")
     kernel.km.interrupt_kernel()
     reply = kernel.reply(fg, timeout=30)
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"

@@ -59,10 +59,6 @@ def rt_kernel(runtime):
         session.close()
 
 
-def _busy(kernel: KernelSession, msg_id: str) -> None:
-    kernel.wait_for(lambda m: m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == msg_id)
-
-
 def _idle_seen(kernel: KernelSession, msg_id: str) -> bool:
     return any(
         m["msg_type"] == "status"
@@ -87,8 +83,7 @@ def test_jobs_kill_and_tail_answer_while_the_main_thread_sleeps(rt_kernel, runti
     started = kernel.execute("%%bg --name sleeper\nimport time\nprint('started')\ntime.sleep(120)")
     job = _job_id(kernel, started)
     kernel.wait_for(lambda m: m["parent_header"].get("msg_id") == started and m["msg_type"] == "stream")
-    foreground = kernel.execute("import time\ntime.sleep(60)")
-    _busy(kernel, foreground)
+    foreground = kernel.start_foreground("import time\ntime.sleep(60)")
 
     listed = polycell("jobs", "--json", runtime=runtime)  # the newest connection file: this kernel
     assert listed.returncode == 0, listed.stderr

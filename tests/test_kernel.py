@@ -49,9 +49,7 @@ def send_execute(k: KernelSession, code: str, metadata: dict[str, Any] | None = 
 
 def start_foreground(k: KernelSession, code: str = SLEEP) -> str:
     """Send a blocking cell and wait until the main thread has started running it."""
-    msg_id = k.execute(code)
-    k.wait_for(lambda m: m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == msg_id)
-    return msg_id
+    return k.start_foreground(code)
 
 
 def interrupt(k: KernelSession) -> Msg:
