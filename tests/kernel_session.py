@@ -115,9 +115,11 @@ class KernelSession:
         """
         msg_id = self.execute("print('foreground started', flush=True)\n" + code)
         self.wait_for(
-            lambda m: m["msg_type"] == "stream"
-            and m["parent_header"].get("msg_id") == msg_id
-            and "foreground started" in m["content"]["text"]
+            lambda m: (
+                m["msg_type"] == "stream"
+                and m["parent_header"].get("msg_id") == msg_id
+                and "foreground started" in m["content"]["text"]
+            )
         )
         return msg_id
 

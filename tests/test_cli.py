@@ -49,10 +49,19 @@ def runtime(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def rt_kernel(runtime):
-    """A stock ipykernel with polycell loaded, whose connection file is in `runtime`."""
-    session = KernelSession(connection_file=str(runtime / "kernel-clitest.json"))
+POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
+
+
+@pytest.fixture(params=["ipykernel+ext", "polycell-kernel"])
+def rt_kernel(runtime, request):
+    """A kernel with polycell, whose connection file is in `runtime`: stock ipykernel with
+    ``%load_ext polycell``, and the polycell kernel."""
+    if request.param == "polycell-kernel":
+        session = KernelSession(
+            POLYCELL_KERNEL, load_ext=False, connection_file=str(runtime / "kernel-clitest.json")
+        )
+    else:
+        session = KernelSession(connection_file=str(runtime / "kernel-clitest.json"))
     try:
         yield session
     finally:
