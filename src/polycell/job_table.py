@@ -23,6 +23,7 @@ __all__ = ["MODES", "JobTable", "jobs"]
 MODES: dict[str, str] = {
     "thread": "polycell.thread:ThreadRunner",
     "task": "polycell.task:TaskRunner",
+    "process": "polycell.process:ProcessRunner",
 }
 
 
