@@ -517,7 +517,11 @@ class ProcessRunner(Runner):
         try:
             exited = False
             while not exited:
-                for key, _events in selector.select(None if pidfd is not None else 0.02):
+                ready = selector.select(None if pidfd is not None else 0.02)
+                # Records first: when Python output and fd output are both waiting,
+                # the Python output was usually first (print, then a subprocess).
+                ready.sort(key=lambda event: event[0].data != "records")
+                for key, _events in ready:
                     if key.data is None:
                         exited = True
                     elif not drain(key.fd, key.data):
