@@ -37,6 +37,7 @@ import codecs
 import concurrent.futures
 import contextvars
 import ctypes
+import faulthandler
 import importlib
 import io
 import os
@@ -407,6 +408,8 @@ class ProcessRunner(Runner):
                 os.close(read_end)
                 if name != "records":
                     os.close(write_end)
+            # A crash in C code then shows the job's Python stack in its cell.
+            faulthandler.enable(file=2, all_threads=False)
             pipe = _RecordPipe(pipes["records"][1])
             sys.stdout = _ChildStream("stdout", pipe, 1)
             sys.stderr = _ChildStream("stderr", pipe, 2)
