@@ -72,6 +72,12 @@ def test_result_output_and_names_come_back(runner):
     assert "lock" not in namespace
 
 
+def test_children_run_at_a_lower_priority(runner):
+    job = runner.submit(Job(10, mode="process"), lambda: os.nice(0))
+    assert job.wait(30)
+    assert job.result == min(19, os.nice(0) + runner.niceness)
+
+
 def test_records_and_text_keep_their_order(runner):
     def body():
         journal = current_job.get().journal

@@ -71,6 +71,7 @@ _QUIET_SECONDS = 0.005
 _FLUSH_SECONDS = 0.01
 _CHUNK_CHARS = 64_000
 _PR_SET_PDEATHSIG = 1
+DEFAULT_NICENESS = 10
 #: Cap on one pickled value sent back (the result, or one name); larger ones are skipped.
 DEFAULT_MAX_VALUE_BYTES = 1 << 30
 
@@ -308,12 +309,17 @@ class ProcessRunner(Runner):
 
     mode = "process"
 
-    def __init__(self, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+    def __init__(
+        self, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, niceness: int = DEFAULT_NICENESS
+    ) -> None:
         if not fork_available():
             raise JobError(
                 f"--mode process needs os.fork, which {sys.platform} does not have; use --mode thread or dask"
             )
         self.max_value_bytes = max_value_bytes
+        #: Added to each child's nice value: background work yields the CPU to the
+        #: kernel and the notebook, and still takes every core nobody else wants.
+        self.niceness = niceness
         self._owner_pid = os.getpid()
         self._children: dict[int, _Child] = {}
         self._lock = threading.Lock()
@@ -399,6 +405,8 @@ class ProcessRunner(Runner):
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent_pid:  # the kernel died before the line above
                 os._exit(code)
+            if self.niceness:
+                os.nice(self.niceness)
             os.dup2(pipes["stdout"][1], 1)
             os.dup2(pipes["stderr"][1], 2)
             null = os.open(os.devnull, os.O_RDONLY)
