@@ -7,6 +7,9 @@ All in one run, in a stock ipykernel with ``%load_ext polycell``:
   clock), with no data and with 2 GB of numpy arrays in the namespace; the
   peer is what a pickling executor pays just to serialize those 2 GB.
   Bar: < 50 ms for both.
+* kill latency (``job.kill()`` until the job reads as killed) in 5 states: a
+  Python loop, ``time.sleep``, a socket read, C code, waiting on a grandchild.
+  Bar: < 100 ms.
 * 2 CPU-bound process jobs at once against the same work one after the other.
   Bar: >= 1.8x faster.
 * a trivial foreground cell's round trip while 2 CPU-bound process jobs run,
@@ -17,6 +20,8 @@ All in one run, in a stock ipykernel with ``%load_ext polycell``:
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 
 from harness import KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
@@ -37,6 +42,28 @@ def _start_latency(n=15):
     return statistics.median(times)
 """
 
+KILL_LATENCY = """
+def _kill_latency(code):
+    get_ipython().run_cell_magic("bg", "--mode process", code)
+    job = jobs[len(jobs)]
+    while "ready" not in job.output:
+        time.sleep(0.002)
+    t0 = time.perf_counter()
+    job.kill(timeout=5)
+    return time.perf_counter() - t0 if job.status.value == "killed" else float("inf")
+"""
+
+#: A job that prints "ready" and then is busy in one state or another.
+KILL_STATES = {
+    "python loop": "print('ready', flush=True)\nwhile True:\n    pass",
+    "time.sleep": "import time\nprint('ready', flush=True)\ntime.sleep(600)",
+    "socket recv": "import socket\na, b = socket.socketpair()\nprint('ready', flush=True)\na.recv(1)",
+    "C code": "import ctypes\nprint('ready', flush=True)\nctypes.CDLL(None).sleep(600)",
+    "grandchild": (
+        "import subprocess\np = subprocess.Popen(['sleep', '600'])\nprint('ready', flush=True)\np.wait()"
+    ),
+}
+
 WORK = "sum(i * i for i in range({n}))"
 
 
@@ -52,6 +79,18 @@ def _timed_jobs(session: KernelSession, cells: list[str]) -> float:
         session.execute(f"%%bg --mode process\n{cell}")
     for job_id in range(first, first + len(cells)):
         session.wait_job_end(job_id, timeout=600)
+    return time.perf_counter() - t0
+
+
+def _plain_processes(work: str, parallel: bool) -> float:
+    """The same work in plain ``python -c`` processes: what this machine allows right now."""
+    t0 = time.perf_counter()
+    if parallel:
+        procs = [subprocess.Popen([sys.executable, "-c", work]) for _ in range(2)]
+        for proc in procs:
+            proc.wait()
+    else:
+        subprocess.run([sys.executable, "-c", f"{work}\n{work}"], check=True)
     return time.perf_counter() - t0
 
 
@@ -86,6 +125,24 @@ def run() -> list[Row]:
         rows.append(Row(BENCH, "peer: pickle the 2 GB", pickled * 1000, "ms"))
         session.run("del arrays, np")
 
+        session.run(KILL_LATENCY)
+        kills = {
+            state: session.eval(f"_kill_latency({code!r})", timeout=120) * 1000
+            for state, code in KILL_STATES.items()
+        }
+        worst = max(kills.values())
+        rows.append(
+            Row(
+                BENCH,
+                "kill, worst of 5 states",
+                worst,
+                "ms",
+                "< 100 ms",
+                worst < 100,
+                {k: round(v, 2) for k, v in kills.items()},
+            )
+        )
+
         # Calibrate a CPU-bound cell to about 1.5 s on this machine.
         n = 2_000_000
         while (one := _timed_jobs(session, [WORK.format(n=n)])) < 0.75:
@@ -105,6 +162,11 @@ def run() -> list[Row]:
                 {"serial_s": round(serial, 3), "parallel_s": round(parallel, 3), "one_job_s": round(one, 3)},
             )
         )
+
+        plain = min(_plain_processes(work, False) for _ in range(2)) / min(
+            _plain_processes(work, True) for _ in range(2)
+        )
+        rows.append(Row(BENCH, "peer: 2 plain processes", plain, "x", "(machine now)"))
 
         idle = statistics.median(median_round_trip(session, "1", 100) for _ in range(3))
         rows.append(Row(BENCH, "fg round trip, idle", idle * 1000, "ms"))
