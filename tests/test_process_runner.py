@@ -176,6 +176,14 @@ def test_values_over_the_size_limit_are_skipped(runner):
     assert namespace == {"small": 1}
 
 
+def test_a_process_job_cannot_start_process_jobs(runner):
+    job = runner.submit(Job(11, mode="process"), lambda: runner.submit(Job(12, mode="process"), lambda: 1))
+    assert job.wait(30) and job.status is JobState.FAILED
+    assert str(job.exception) == (
+        "a process job cannot start process jobs of its own; start them from the notebook"
+    )
+
+
 def test_no_fork_is_a_one_line_error(monkeypatch):
     monkeypatch.delattr(os, "fork")
     with pytest.raises(JobError, match=r"^--mode process needs os.fork, which \w+ does not have; "):

@@ -349,6 +349,8 @@ class ProcessRunner(Runner):
         """
         if self._closed:
             raise RuntimeError("this ProcessRunner has been shut down")
+        if os.getpid() != self._owner_pid:
+            raise JobError("a process job cannot start process jobs of its own; start them from the notebook")
         context = self._prepare(job)
         if not job._set_running():
             return job
@@ -363,6 +365,8 @@ class ProcessRunner(Runner):
         job.info["pid"] = child.pid
         with self._lock:
             self._children[job.id] = child
+        if job.kill_requested:  # killed while it was being forked
+            self._signal(child, signal.SIGKILL)
         child.reader = threading.Thread(
             target=self._watch, args=(child,), name=f"polycell-process-{job.id}", daemon=True
         )
@@ -483,7 +487,38 @@ class ProcessRunner(Runner):
     # -- in the parent: reading and ending ---------------------------------------------------
 
     def _watch(self, child: _Child) -> None:
-        """The reader thread: output into the journal as it comes, then end the job."""
+        """The reader thread: output into the journal as it comes, then end the job.
+
+        Whatever goes wrong here, the child is killed and reaped and the job ends:
+        a job that never ends would be worse than one that says why it failed.
+        """
+        job = child.job
+        outcome: dict[str, Any] | None = None
+        status: int | None = None
+        try:
+            outcome = self._read(child)
+        except Exception as exc:  # noqa: BLE001 - reported on the job, never lost
+            self._signal(child, signal.SIGKILL)
+            lost: BaseException | None = JobError(f"polycell lost track of the job's child: {_one_line(exc)}")
+        else:
+            lost = None
+        finally:
+            if not child.reaped:
+                status = self._reap(child)
+            for fd in child.fds.values():
+                os.close(fd)
+            with self._lock:
+                self._children.pop(job.id, None)
+        try:
+            if lost is not None:
+                raise lost
+            self._end(child, outcome, status)
+        except Exception as exc:  # noqa: BLE001
+            _note(job, f"failed: {_one_line(exc)}")
+            job._set_exception(exc)
+
+    def _read(self, child: _Child) -> dict[str, Any] | None:
+        """Read the child's pipes into the journal until it exits; its outcome, if it sent one."""
         job = child.job
         decoders = {
             name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in ("stdout", "stderr")
@@ -514,18 +549,18 @@ class ProcessRunner(Runner):
                     return False
 
         selector = selectors.DefaultSelector()
-        for name, fd in child.fds.items():
-            os.set_blocking(fd, False)
-            selector.register(fd, selectors.EVENT_READ, name)
         pidfd: int | None = None
-        if hasattr(os, "pidfd_open"):
-            try:
-                pidfd = os.pidfd_open(child.pid)
-            except OSError:  # a kernel older than Linux 5.3: poll instead
-                pidfd = None
-        if pidfd is not None:
-            selector.register(pidfd, selectors.EVENT_READ, None)
         try:
+            for name, fd in child.fds.items():
+                os.set_blocking(fd, False)
+                selector.register(fd, selectors.EVENT_READ, name)
+            if hasattr(os, "pidfd_open"):
+                try:
+                    pidfd = os.pidfd_open(child.pid)
+                except OSError:  # a kernel older than Linux 5.3: poll instead
+                    pidfd = None
+            if pidfd is not None:
+                selector.register(pidfd, selectors.EVENT_READ, None)
             exited = False
             while not exited:
                 ready = selector.select(None if pidfd is not None else 0.02)
@@ -545,15 +580,11 @@ class ProcessRunner(Runner):
             for key in list(selector.get_map().values()):
                 if key.data is not None:
                     drain(key.fd, key.data)
-            status = self._reap(child)
         finally:
             selector.close()
-            for fd in [*child.fds.values(), pidfd]:
-                if fd is not None:
-                    os.close(fd)
-            with self._lock:
-                self._children.pop(job.id, None)
-        self._end(child, outcome, status)
+            if pidfd is not None:
+                os.close(pidfd)
+        return outcome
 
     def _reap(self, child: _Child) -> int | None:
         with child.lock:
