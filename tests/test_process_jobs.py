@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import psutil
 import pytest
@@ -260,3 +261,40 @@ def test_jobs_table_and_wait_show_process_jobs(kernel):
     table = kernel.run("%jobs")
     shown = [m for m in kernel.outputs(table["parent_header"]["msg_id"]) if m["msg_type"] == "display_data"]
     assert re.search(rf"{job}\s+proc\s+process\s+done", shown[0]["content"]["data"]["text/plain"])
+
+
+def test_without_fork_process_mode_is_a_one_line_usage_error(kernel):
+    # A platform without os.fork (Windows) simulated in a real kernel: no job is made, no fallback.
+    kernel.run("import os\n_fork = os.fork\ndel os.fork")
+    try:
+        line = kernel.error_line(kernel.run("%%bg --mode process\nprint(1)"))
+    finally:
+        kernel.run("os.fork = _fork")
+    assert line == (
+        "UsageError: --mode process needs os.fork, which linux does not have; use --mode thread or dask"
+    )
+    assert kernel.eval("len(jobs)") == 0
+
+
+@pytest.mark.parametrize("now", [False, True], ids=["shutdown request", "kernel SIGKILLed"])
+def test_process_jobs_die_with_the_kernel(now):
+    kernel = KernelSession()
+    grandchild = None
+    try:
+        bg, _job = _start(
+            kernel,
+            "import os, subprocess\np = subprocess.Popen(['sleep', '600'])\n"
+            "print(os.getpid(), p.pid, flush=True)\np.wait()",
+        )
+        _wait_text(kernel, bg, "\n")
+        child, grandchild = (int(pid) for pid in kernel.text(bg).split())
+        kernel.km.shutdown_kernel(now=now)
+        deadline = time.monotonic() + 30
+        while not _gone(child) or (not now and not _gone(grandchild)):
+            assert time.monotonic() < deadline, "a process job outlived its kernel"
+            time.sleep(0.02)
+    finally:
+        kernel.close()
+        # A kernel killed with SIGKILL cannot end what its jobs started (a documented limit).
+        if grandchild is not None and not _gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
