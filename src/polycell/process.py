@@ -76,6 +76,11 @@ DEFAULT_NICENESS = 10
 DEFAULT_MAX_VALUE_BYTES = 1 << 30
 
 
+# Python >= 3.12 warns when a multi-threaded process forks; this module exists to
+# do exactly that, carefully (see above). Only warnings raised from here are hidden.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"polycell\.process")
+
+
 def fork_available() -> bool:
     return hasattr(os, "fork") and hasattr(os, "killpg") and hasattr(os, "setpgid")
 
@@ -376,17 +381,13 @@ class ProcessRunner(Runner):
     def _fork(self, launch: _Launch) -> _Child:
         pipes = {"stdout": os.pipe(), "stderr": os.pipe(), "records": os.pipe()}
         parent_pid = os.getpid()
-        with warnings.catch_warnings():
-            # Python >= 3.12 warns about forking a multi-threaded process; this
-            # module exists to do exactly that, carefully (see the docstring).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                pid = os.fork()
-            except OSError:
-                for read_end, write_end in pipes.values():
-                    os.close(read_end)
-                    os.close(write_end)
-                raise
+        try:
+            pid = os.fork()
+        except OSError:
+            for read_end, write_end in pipes.values():
+                os.close(read_end)
+                os.close(write_end)
+            raise
         if pid == 0:
             self._child_main(launch, pipes, parent_pid)
         for _read_end, write_end in pipes.values():
