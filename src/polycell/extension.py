@@ -13,6 +13,7 @@ import contextvars
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from IPython.display import display
@@ -128,7 +129,7 @@ class Polycell:
         if backend is not None and mode not in (None, "task"):
             raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
         mode = "task" if backend is not None else self.choose_mode(cell, mode)
-        runner = self.jobs.runner(mode, backend)
+        runner = self.jobs.runner(mode, backend)  # before the job exists: a mode may be unavailable here
         job = self.jobs.new_job(mode, name=name, source=raw_cell)
         if backend is not None:
             job.info["backend"] = backend
@@ -165,8 +166,22 @@ class Polycell:
                 return value
 
         self.attach(job)
-        runner.submit(job, body)
+        if mode == "process":
+            self._submit_process(job, body, cell)
+        else:
+            runner.submit(job, body)
         return job
+
+    def _submit_process(self, job: Job, body: Callable[[], Any], cell: CompiledCell) -> None:
+        """Fork the job; the names the cell assigns come back into the notebook when it ends."""
+        router = self.router
+
+        def in_child() -> Any:
+            # Every output of the child is this job's, even from threads the job starts.
+            router.default_job = job
+            return body()
+
+        self.jobs.runner("process").submit(job, in_child, namespace=self.shell.user_ns, names=cell.assigned)
 
     def attach(self, job: Job) -> None:
         """Show the job's handle in the current cell and send its output there, live."""

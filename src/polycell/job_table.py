@@ -23,6 +23,7 @@ __all__ = ["MODES", "TASK_BACKENDS", "JobTable", "jobs"]
 MODES: dict[str, str] = {
     "thread": "polycell.thread:ThreadRunner",
     "task": "polycell.task:TaskRunner",
+    "process": "polycell.process:ProcessRunner",
 }
 
 #: Event loops a task job can run on, besides the default (asyncio, `MODES["task"]`).

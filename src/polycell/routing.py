@@ -64,6 +64,9 @@ class OutputRouter:
         self.shell = shell
         self._installed = False
         self._saved: dict[str, Any] = {}
+        #: Where output with no job in its context goes instead of the kernel; set
+        #: only in a forked child, where every output is the one job's.
+        self.default_job: Job | None = None
 
     def install(self) -> None:
         if self._installed:
@@ -79,7 +82,7 @@ class OutputRouter:
         def publish(
             data: dict[str, Any], metadata: dict[str, Any] | None = None, *args: Any, **kwargs: Any
         ) -> None:
-            job = current_job.get()
+            job = current_job.get() or self.default_job
             if job is None:
                 return original_publish(data, metadata, *args, **kwargs)
             job.journal.append(
@@ -88,7 +91,7 @@ class OutputRouter:
             return None
 
         def clear_output(wait: bool = False) -> None:
-            job = current_job.get()
+            job = current_job.get() or self.default_job
             if job is None:
                 return original_clear(wait)
             job.journal.append({"msg_type": "clear_output", "content": {"wait": wait}})

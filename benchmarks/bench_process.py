@@ -1,0 +1,207 @@
+"""Process jobs: start latency with a big namespace, parallel speed-up, foreground responsiveness.
+
+All in one run, in a stock ipykernel with ``%load_ext polycell``:
+
+* start latency of ``%%bg --mode process``, from the magic being called to the
+  child running the cell's first line (the child reads the same monotonic
+  clock), with no data and with 2 GB of numpy arrays in the namespace; the
+  peer is what a pickling executor pays just to serialize those 2 GB.
+  Bar: < 50 ms for both.
+* kill latency (``job.kill()`` until the job reads as killed) in 5 states: a
+  Python loop, ``time.sleep``, a socket read, C code, waiting on a grandchild.
+  Bar: < 100 ms.
+* 2 CPU-bound process jobs at once against the same work one after the other.
+  Bar: >= 1.8x faster.
+* a trivial foreground cell's round trip while 2 CPU-bound process jobs run,
+  against the kernel idle. Bar: <= 1.2x. The same with 2 thread jobs is
+  reported for comparison (the brief's thread bar is <= 3x).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+from harness import KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
+
+BENCH = "process jobs"
+
+START_LATENCY = """
+import statistics, time
+def _start_latency(n=15):
+    shell = get_ipython()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        shell.run_cell_magic("bg", "--mode process", "__import__('time').perf_counter()")
+        job = jobs[len(jobs)]
+        job.wait(60)
+        times.append(job.result - t0)
+    return statistics.median(times)
+"""
+
+KILL_LATENCY = """
+def _kill_latency(code):
+    get_ipython().run_cell_magic("bg", "--mode process", code)
+    job = jobs[len(jobs)]
+    while "ready" not in job.output:
+        time.sleep(0.002)
+    t0 = time.perf_counter()
+    job.kill(timeout=5)
+    return time.perf_counter() - t0 if job.status.value == "killed" else float("inf")
+"""
+
+#: A job that prints "ready" and then is busy in one state or another.
+KILL_STATES = {
+    "python loop": "print('ready', flush=True)\nwhile True:\n    pass",
+    "time.sleep": "import time\nprint('ready', flush=True)\ntime.sleep(600)",
+    "socket recv": "import socket\na, b = socket.socketpair()\nprint('ready', flush=True)\na.recv(1)",
+    "C code": "import ctypes\nprint('ready', flush=True)\nctypes.CDLL(None).sleep(600)",
+    "grandchild": (
+        "import subprocess\np = subprocess.Popen(['sleep', '600'])\nprint('ready', flush=True)\np.wait()"
+    ),
+}
+
+WORK = "sum(i * i for i in range({n}))"
+
+
+def _start_latency(session: KernelSession) -> float:
+    return session.eval("_start_latency()", timeout=300)
+
+
+def _timed_jobs(session: KernelSession, cells: list[str]) -> float:
+    """Seconds from starting `cells` as process jobs (back to back) until all ended."""
+    first = session.eval("len(jobs)") + 1
+    t0 = time.perf_counter()
+    for cell in cells:
+        session.execute(f"%%bg --mode process\n{cell}")
+    for job_id in range(first, first + len(cells)):
+        session.wait_job_end(job_id, timeout=600)
+    return time.perf_counter() - t0
+
+
+def _plain_processes(work: str, parallel: bool) -> float:
+    """The same work in plain ``python -c`` processes: what this machine allows right now."""
+    t0 = time.perf_counter()
+    if parallel:
+        procs = [subprocess.Popen([sys.executable, "-c", work]) for _ in range(2)]
+        for proc in procs:
+            proc.wait()
+    else:
+        subprocess.run([sys.executable, "-c", f"{work}\n{work}"], check=True)
+    return time.perf_counter() - t0
+
+
+def _round_trip_under_load(session: KernelSession, mode: str, n: int) -> float:
+    first = session.eval("len(jobs)") + 1
+    for _ in range(2):
+        session.run(f"%%bg --mode {mode}\nwhile True:\n    pass")
+    time.sleep(0.5)  # let both jobs reach full speed
+    try:
+        return median_round_trip(session, "1", n)
+    finally:
+        for job_id in (first, first + 1):
+            session.run(f"%job kill {job_id}")
+            session.wait_job_end(job_id, timeout=60)
+
+
+def run() -> list[Row]:
+    rows: list[Row] = []
+    session = KernelSession(stock_kernel_argv(), load_ext=True)
+    try:
+        session.run(START_LATENCY)
+        session.eval("_start_latency(3)")  # warm up: runner, forker thread, imports
+        empty = _start_latency(session)
+        rows.append(Row(BENCH, "start, empty namespace", empty * 1000, "ms", "< 50 ms", empty < 0.05))
+        session.run("import numpy as np\narrays = [np.ones(2**27) for _ in range(2)]  # 2 x 1 GiB, touched")
+        assert session.eval("sum(a.nbytes for a in arrays)") == 2**31
+        big = _start_latency(session)
+        rows.append(Row(BENCH, "start, 2 GB of arrays", big * 1000, "ms", "< 50 ms", big < 0.05))
+        session.run("import pickle, time\n_t = time.perf_counter()\n_ = pickle.dumps(arrays, 5)")
+        session.run("_t = time.perf_counter() - _t\ndel _")
+        pickled = session.eval("_t")
+        rows.append(Row(BENCH, "peer: pickle the 2 GB", pickled * 1000, "ms"))
+        session.run("del arrays, np")
+
+        session.run(KILL_LATENCY)
+        kills = {
+            state: session.eval(f"_kill_latency({code!r})", timeout=120) * 1000
+            for state, code in KILL_STATES.items()
+        }
+        worst = max(kills.values())
+        rows.append(
+            Row(
+                BENCH,
+                "kill, worst of 5 states",
+                worst,
+                "ms",
+                "< 100 ms",
+                worst < 100,
+                {k: round(v, 2) for k, v in kills.items()},
+            )
+        )
+
+        # Calibrate a CPU-bound cell to about 1.5 s on this machine.
+        n = 2_000_000
+        while (one := _timed_jobs(session, [WORK.format(n=n)])) < 0.75:
+            n *= 2
+        work = WORK.format(n=n)
+        serial = min(_timed_jobs(session, [f"{work}\n{work}"]) for _ in range(2))
+        parallel = min(_timed_jobs(session, [work, work]) for _ in range(2))
+        speedup = serial / parallel
+        rows.append(
+            Row(
+                BENCH,
+                "2 CPU jobs vs serial",
+                speedup,
+                "x",
+                ">= 1.8x",
+                speedup >= 1.8,
+                {"serial_s": round(serial, 3), "parallel_s": round(parallel, 3), "one_job_s": round(one, 3)},
+            )
+        )
+
+        plain = min(_plain_processes(work, False) for _ in range(2)) / min(
+            _plain_processes(work, True) for _ in range(2)
+        )
+        rows.append(Row(BENCH, "peer: 2 plain processes", plain, "x", "(machine now)"))
+
+        idle = statistics.median(median_round_trip(session, "1", 100) for _ in range(3))
+        rows.append(Row(BENCH, "fg round trip, idle", idle * 1000, "ms"))
+        busy = _round_trip_under_load(session, "process", 100)
+        rows.append(
+            Row(
+                BENCH,
+                "fg rt, 2 process jobs",
+                busy / idle,
+                "x",
+                "<= 1.2x",
+                busy / idle <= 1.2,
+                {"ms": busy * 1000},
+            )
+        )
+        threads = _round_trip_under_load(session, "thread", 50)
+        rows.append(
+            Row(
+                BENCH,
+                "fg rt, 2 thread jobs",
+                threads / idle,
+                "x",
+                "(thread <= 3x)",
+                None,
+                {"ms": threads * 1000},
+            )
+        )
+    finally:
+        session.close()
+    return rows
+
+
+if __name__ == "__main__":
+    rows = run()
+    print_rows(rows)
+    for row in rows:
+        if row.extra:
+            print(f"  {row.subject}: {row.extra}")
