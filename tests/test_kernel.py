@@ -266,6 +266,7 @@ def test_kill_a_job_while_the_main_thread_sleeps(pk):
     kill = pk.execute(f"%job kill {job}")
     assert pk.reply(kill, timeout=4)["content"]["status"] == "ok"
     pk.wait_job_end(job, timeout=4)
+    pk.wait_idle(kill)  # iopub and shell are different sockets: the reply may overtake the text
     assert still_busy(pk, fg)
     assert pk.text(kill) == f"job {job} killed\n"
     table = pk.execute("%jobs")
