@@ -275,7 +275,10 @@ class DaskRunner(Runner):
             self._end(task)
             job._set_killed()
             return
-        client.run(interrupt_cell, task.topic, workers=[task.worker], wait=False)
+        try:
+            client.run(interrupt_cell, task.topic, workers=[task.worker])
+        except Exception as exc:  # noqa: BLE001 - the worker may be gone; the note below still holds
+            job.journal.write("stderr", f"[job {job.id}: could not reach {task.worker} to stop it: {exc}]\n")
 
         def still_running() -> None:
             if not job.done:

@@ -80,28 +80,45 @@ def _install_capture() -> None:
             from IPython.core import display_functions
         except ImportError:  # pragma: no cover - IPython is a dependency of polycell
             return
-        original = display_functions.display
-        if getattr(original, "_polycell_capture", False):
-            return
+        if not isinstance(display_functions.display, _CapturingDisplay):
+            wrapper = _CapturingDisplay(display_functions.display)
+            display_functions.display = wrapper
+            IPython.display.display = wrapper  # type: ignore[attr-defined]
 
-        def display(*objs: Any, **kwargs: Any) -> Any:
-            sink = _sink.get()
-            if sink is None or kwargs.get("display_id") is not None:
-                return original(*objs, **kwargs)
-            from IPython.core.formatters import DisplayFormatter
 
-            formatter = DisplayFormatter()
-            for obj in objs:
-                if kwargs.get("raw"):
-                    data, metadata = obj, {}
-                else:
-                    data, metadata = formatter.format(obj)
-                sink.append({"msg_type": "display_data", "content": {"data": data, "metadata": metadata}})
-            return None
+def _ipython_display() -> Any:
+    """IPython's own ``display`` wherever this is unpickled (the kernel, or a worker)."""
+    from IPython.core import display_functions
 
-        display._polycell_capture = True  # type: ignore[attr-defined]
-        display_functions.display = display
-        IPython.display.display = display  # type: ignore[attr-defined]
+    display = display_functions.display
+    return display.original if isinstance(display, _CapturingDisplay) else display
+
+
+class _CapturingDisplay:
+    """``IPython.display.display`` on the worker: rich output of a polycell task goes to its sink.
+
+    A cell that imports ``display`` assigns it; when that name is sent back to
+    the notebook it must become the notebook's own ``display`` again, hence
+    `__reduce__`.
+    """
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def __call__(self, *objs: Any, **kwargs: Any) -> Any:
+        sink = _sink.get()
+        if sink is None or kwargs.get("display_id") is not None:
+            return self.original(*objs, **kwargs)
+        from IPython.core.formatters import DisplayFormatter
+
+        formatter = DisplayFormatter()
+        for obj in objs:
+            data, metadata = (obj, {}) if kwargs.get("raw") else formatter.format(obj)
+            sink.append({"msg_type": "display_data", "content": {"data": data, "metadata": metadata}})
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _ipython_display, ()
 
 
 class _Sink:

@@ -126,7 +126,10 @@ def make_spec(
     except TypeError as exc:
         raise JobError(f"jobs.map: the items must be iterable: {exc}") from None
     if workers is None:
-        workers = dask_client().nthreads_total() if mode == "dask" and dask_client else cpu_count()
+        if mode == "dask" and dask_client is not None:
+            workers = max(1, sum(dask_client().nthreads().values()))
+        else:
+            workers = cpu_count()
     return MapSpec(
         func, items, mode, workers, chunksize or default_chunksize(len(items), workers), dask_client
     )
@@ -134,6 +137,8 @@ def make_spec(
 
 class _JournalFile:
     """A file-like tqdm can write its bar to: text goes to the job's stderr stream."""
+
+    encoding = "utf-8"  # tells tqdm it may draw its bar with unicode blocks
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -578,7 +583,11 @@ class _ProcessBackend(_Backend):
                     self.job.journal.append(message[1])
                 elif kind == "done":
                     remaining -= 1
-                    conn.send(todo.pop() if todo else None)
+                    if todo:
+                        conn.send(todo.pop())
+                    else:
+                        conn.send(None)  # this worker exits: its pipe's end is not a death
+                        del conns[conn]
                     yield message[1], pickle.loads(message[2])
                 else:
                     _, index, type_name, text, tb, exc_bytes = message
@@ -644,7 +653,7 @@ class _DaskBackend(_Backend):
             )
             for a, b in spec.chunks
         ]
-        completed = as_completed(self._futures)
+        completed = as_completed(self._futures, loop=self.client.loop)
         for future in completed:
             if self.stopped.is_set():
                 raise JobKilled(f"job {self.job.id} was killed")
