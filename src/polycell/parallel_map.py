@@ -433,8 +433,9 @@ class _PipeOutput:
         self.send(("record", record))
 
     def flush(self) -> None:
-        with self.lock:
-            self._flush_locked()
+        if self._parts:
+            with self.lock:
+                self._flush_locked()
 
     def _flush_locked(self) -> None:
         if self._parts:
@@ -485,6 +486,8 @@ def _process_worker(
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = _PipeOutput(conn)
+    # Text printed just before a long call must not wait for the next print.
+    threading.Thread(target=_flush_every, args=(out, _OUT_FLUSH_SECONDS), daemon=True).start()
     sys.stdout = _PipeStream(out, "stdout")  # type: ignore[assignment]
     sys.stderr = _PipeStream(out, "stderr")  # type: ignore[assignment]
     job = current_job.get()
@@ -519,6 +522,13 @@ def _process_worker(
             out.send(("error", index, type(exc).__name__, str(exc), tb, exc_bytes))
             return
         out.send(("done", start, payload))
+
+
+def _flush_every(out: _PipeOutput, seconds: float) -> None:
+    tick = threading.Event()
+    while True:
+        tick.wait(seconds)
+        out.flush()
 
 
 def _first_unpicklable(results: list[Any], start: int) -> int:
