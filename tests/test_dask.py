@@ -76,7 +76,7 @@ def test_cell_runs_on_a_worker_streams_output_live_and_brings_names_back(dask_ke
     assert any(m["content"]["data"].get("text/html") == "<b>rich</b>" for m in rich)
     result = [m for m in outputs if m["msg_type"] == "execute_result"]
     assert result[0]["content"]["data"]["text/plain"] == "420"
-    assert kernel.eval("(answer, jobs[%d].result, display.__module__)" % job) == (
+    assert kernel.eval(f"(answer, jobs[{job}].result, display.__module__)") == (
         42,
         420,
         "IPython.core.display_functions",
@@ -203,10 +203,8 @@ def test_without_dask_installed_the_message_says_how_to_install_it(tmp_path, mon
     try:
         assert session.eval("__import__('sys').modules.get('distributed') is None") is True
         reply = session.run("%%bg --mode dask\n1 + 1")
-        assert (
-            session.error_line(reply)
-            == "UsageError: dask mode needs dask.distributed, which is not installed: pip install polycell[dask]"
-        )
+        hint = "dask mode needs dask.distributed, which is not installed: pip install polycell[dask]"
+        assert session.error_line(reply) == f"UsageError: {hint}"
         reply = session.run("jobs.map(abs, range(3), mode='dask')")
         assert reply["content"]["evalue"].endswith("pip install polycell[dask]")
         # Other modes are unaffected.

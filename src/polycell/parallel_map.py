@@ -22,6 +22,7 @@ in place. The first item that raises fails the whole map with
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -564,7 +565,14 @@ class _ProcessBackend(_Backend):
             with self._lock:
                 if self.stopped.is_set():
                     raise JobKilled(f"job {self.job.id} was killed")
-                proc.start()
+                # Objects that exist at the fork go to the permanent generation in
+                # the child, so its collector never walks (and copies) the
+                # kernel's whole heap; the kernel's own collection is unchanged.
+                gc.freeze()
+                try:
+                    proc.start()
+                finally:
+                    gc.unfreeze()
                 self._procs.append(proc)
             child_end.close()
             try:
