@@ -173,3 +173,23 @@ def test_unpicklable_result_names_the_item(kernel):
     kernel.wait_job_end(job)
     message = kernel.eval("str(j.exception)")
     assert message.startswith("item 5 failed: TypeError: its result cannot be sent back to the kernel")
+
+
+def test_display_in_a_process_worker_reaches_the_cell(kernel):
+    kernel.run(
+        "from IPython.display import display, HTML\n"
+        "def show(x):\n"
+        "    display(HTML(f'<i>item {x}</i>'))\n"
+        "    return x"
+    )
+    msg_id = kernel.execute("j = jobs.map(show, range(3), workers=2, mode='process')")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    shown = sorted(
+        m["content"]["data"]["text/html"]
+        for m in kernel.outputs(msg_id)
+        if m["msg_type"] == "display_data"
+        and m["metadata"].get("polycell", {}).get("job") == job
+        and "polycell-handle" not in m["content"]["data"].get("text/html", "")
+    )
+    assert shown == [f"<i>item {x}</i>" for x in range(3)]

@@ -73,7 +73,7 @@ class PolycellMagics(Magics):
 
     @cell_magic
     def bg(self, line: str, cell: str) -> None:
-        """Run this cell as a background job: %%bg [--mode thread|task] [--name NAME]
+        """Run this cell as a background job: %%bg [--mode thread|task|dask] [--name NAME]
 
         The cell returns at once and shows the job's handle; the job's output
         appears in this cell while other cells run. Default mode: task when
