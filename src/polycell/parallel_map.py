@@ -52,6 +52,8 @@ CHUNKS_PER_WORKER = 16
 #: Worker output is sent to the kernel when this much is buffered, or this old.
 _OUT_FLUSH_CHARS = 16_384
 _OUT_FLUSH_SECONDS = 0.1
+#: Chunks a process worker holds at once: the one it runs and the next.
+_CHUNKS_AHEAD = 2
 
 
 class MapItemError(Exception):
@@ -554,6 +556,7 @@ class _ProcessBackend(_Backend):
         context = multiprocessing.get_context("fork")
         todo = list(reversed(self.spec.chunks))
         conns: dict[Any, Any] = {}
+        outstanding: dict[Any, int] = {}
         for _ in range(min(self.spec.workers, len(todo))):
             parent_end, child_end = context.Pipe(duplex=True)
             proc = context.Process(
@@ -581,6 +584,14 @@ class _ProcessBackend(_Backend):
                 pass
             conns[parent_end] = proc
             parent_end.send(todo.pop())
+            outstanding[parent_end] = 1
+        # Then one chunk ahead each: a worker starts its next chunk as soon as it
+        # sends a result, instead of idling while the kernel wakes up to answer.
+        for _ in range(_CHUNKS_AHEAD - 1):
+            for conn in conns:
+                if todo:
+                    conn.send(todo.pop())
+                    outstanding[conn] += 1
         self.job.info["pids"] = ",".join(str(p.pid) for p in self._procs)
         remaining = len(self.spec.chunks)
         while remaining:
@@ -601,9 +612,11 @@ class _ProcessBackend(_Backend):
                     self.job.journal.append(message[1])
                 elif kind == "done":
                     remaining -= 1
+                    outstanding[conn] -= 1
                     if todo:
                         conn.send(todo.pop())
-                    else:
+                        outstanding[conn] += 1
+                    elif not outstanding[conn]:
                         conn.send(None)  # this worker exits: its pipe's end is not a death
                         del conns[conn]
                     yield message[1], pickle.loads(message[2])
