@@ -613,7 +613,9 @@ class _ProcessBackend(_Backend):
                 elif kind == "done":
                     remaining -= 1
                     outstanding[conn] -= 1
-                    if todo:
+                    # Near the end, no chunk ahead: a chunk queued behind a busy
+                    # worker would leave another idle.
+                    if todo and (not outstanding[conn] or len(todo) > len(conns)):
                         conn.send(todo.pop())
                         outstanding[conn] += 1
                     elif not outstanding[conn]:
