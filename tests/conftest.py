@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from kernel_session import KernelSession
+from kernel_session import KernelSession, kernel_env
+
+#: Roots of process trees that live for the whole session (the test Dask
+#: cluster): the leak check ignores them and their descendants, nothing else.
+SESSION_PROCESSES: set[int] = set()
+
+_CLUSTER_SCRIPT = """
+import sys
+from distributed import LocalCluster
+cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0")
+print(cluster.scheduler_address, flush=True)
+sys.stdin.read()  # until the fixture closes our stdin
+cluster.close()
+"""
 
 
 @pytest.fixture
@@ -27,6 +41,46 @@ def kernel() -> Iterator[KernelSession]:
         session.close()
 
 
+@pytest.fixture(scope="session")
+def dask_cluster() -> Iterator[str]:
+    """A real LocalCluster(n_workers=2, processes=True, threads_per_worker=1); yields its address.
+
+    It runs in a process of its own, with this checkout's polycell importable
+    (the scheduler and workers unpickle polycell's worker functions), and is
+    closed at the end of the session.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=kernel_env(),
+    )
+    SESSION_PROCESSES.add(proc.pid)
+    try:
+        address = proc.stdout.readline().strip() if proc.stdout else ""
+        if not address.startswith("tcp://"):
+            pytest.fail(f"the test Dask cluster did not start (said {address!r})")
+        yield address
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        SESSION_PROCESSES.discard(proc.pid)
+
+
+def _session_owned(process: psutil.Process) -> bool:
+    try:
+        return process.pid in SESSION_PROCESSES or any(p.pid in SESSION_PROCESSES for p in process.parents())
+    except psutil.Error:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves threads of its own or child processes running."""
@@ -37,7 +91,7 @@ def no_leaks() -> Iterator[None]:
         children = [
             p
             for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and not _session_owned(p)
         ]
         threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
         if not children and not threads:

@@ -24,7 +24,19 @@ __all__ = [
     "jobs",
     "load_ipython_extension",
     "unload_ipython_extension",
+    "use_dask",
 ]
+
+
+def use_dask(client_or_address: Any = None, *, timeout: float = 10.0) -> Any:
+    """Run ``%%bg --mode dask`` cells and ``jobs.map(..., mode="dask")`` on this cluster.
+
+    Give a ``distributed.Client`` or a scheduler address (``"tcp://host:8786"``);
+    None means ``DASK_SCHEDULER_ADDRESS``, else a ``LocalCluster`` started now.
+    Returns the client. Raises `JobError` (one line) when the scheduler cannot
+    be reached within `timeout` seconds or dask is not installed.
+    """
+    return jobs.runner("dask").use(client_or_address, timeout=timeout)
 
 
 def load_ipython_extension(shell: Any) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import CodeType, TracebackType
 from typing import Any
 
-__all__ = ["CompiledCell", "cell_traceback_start", "compile_cell"]
+__all__ = ["CompiledCell", "cell_traceback_start", "compile_cell", "free_names"]
 
 
 @dataclass
@@ -31,6 +31,8 @@ class CompiledCell:
     is_async: bool
     #: Names a top-level statement of the cell binds (assignments, imports, def, class, for).
     assigned: list[str] = field(default_factory=list)
+    #: Names the cell reads before (or without) binding them: what it needs from the namespace.
+    free: list[str] = field(default_factory=list)
 
     def _codes(self) -> list[tuple[CodeType, bool]]:
         codes = []
@@ -125,6 +127,48 @@ def assigned_names(module: ast.Module) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _scope_locals(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> set[str]:
+    """Parameters and names a function or lambda binds: its reads of them are not free."""
+    args = node.args
+    names = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)}
+    names.update(a.arg for a in (args.vararg, args.kwarg) if a is not None)
+    body = node.body if isinstance(node.body, list) else [node.body]
+    for stmt in body:
+        for sub in ast.walk(stmt):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                names.add(sub.id)
+    return names
+
+
+def free_names(module: ast.Module) -> list[str]:
+    """Names the module reads that no earlier top-level statement bound, in order.
+
+    What a cell needs from the notebook when it runs elsewhere (a dask worker).
+    Deliberately generous (a read inside a function counts unless that function
+    binds the name): shipping a name too many costs a little pickling, one too
+    few a NameError on the worker.
+    """
+    bound: set[str] = set()
+    free: list[str] = []
+    for stmt in module.body:
+        local: set[str] = set()
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                local |= _scope_locals(node)
+            elif isinstance(node, ast.comprehension):
+                local.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+        for node in ast.walk(stmt):
+            if (
+                isinstance(node, ast.Name)
+                and isinstance(node.ctx, ast.Load)
+                and node.id not in bound
+                and node.id not in local
+            ):
+                free.append(node.id)
+        bound.update(assigned_names(ast.Module(body=[stmt], type_ignores=[])))
+    return list(dict.fromkeys(free))
+
+
 def compile_cell(shell: Any, raw_cell: str, number: int) -> CompiledCell:
     """Compile a cell's text like IPython would, for running in the background.
 
@@ -139,6 +183,9 @@ def compile_cell(shell: Any, raw_cell: str, number: int) -> CompiledCell:
     if module.body and isinstance(module.body[-1], ast.Expr):
         last = module.body.pop().value  # type: ignore[attr-defined]
     assigned = assigned_names(module)
+    free = free_names(
+        ast.Module(body=[*module.body, *([ast.Expr(last)] if last is not None else [])], type_ignores=[])
+    )
 
     def build(node: ast.mod, mode: str) -> CodeType:
         return compile(node, filename, mode, flags=flags, dont_inherit=True)
@@ -146,7 +193,7 @@ def compile_cell(shell: Any, raw_cell: str, number: int) -> CompiledCell:
     body = build(module, "exec") if module.body else None
     last_expr = build(ast.Expression(last), "eval") if last is not None else None
     is_async = any(code.co_flags & inspect.CO_COROUTINE for code in (body, last_expr) if code is not None)
-    return CompiledCell(source, filename, body, last_expr, is_async, assigned)
+    return CompiledCell(source, filename, body, last_expr, is_async, assigned, free)
 
 
 def cell_traceback_start(tb: TracebackType | None, filename: str) -> TracebackType | None:

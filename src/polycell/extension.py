@@ -74,11 +74,15 @@ class Polycell:
             for job in self.jobs:
                 self.store.track(job)
             self.jobs.add_new_job_listener(self.store.track)
+        # jobs.map(...) in a cell: show its handle and progress in that cell.
+        self.jobs.on_new_job = self.attach
         atexit.register(self.close)
 
     def close(self) -> None:
         """End every job and stop routing; idempotent."""
         self.control.uninstall()
+        if self.jobs.on_new_job == self.attach:
+            self.jobs.on_new_job = None
         self.jobs.shutdown()
         self.publisher.flush(2)
         self.publisher.close()
@@ -129,6 +133,8 @@ class Polycell:
         if backend is not None and mode not in (None, "task"):
             raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
         mode = "task" if backend is not None else self.choose_mode(cell, mode)
+        if mode == "dask":
+            return self._run_dask(cell, raw_cell, name, count)
         runner = self.jobs.runner(mode, backend)  # before the job exists: a mode may be unavailable here
         job = self.jobs.new_job(mode, name=name, source=raw_cell)
         if backend is not None:
@@ -182,6 +188,31 @@ class Polycell:
             return body()
 
         self.jobs.runner("process").submit(job, in_child, namespace=self.shell.user_ns, names=cell.assigned)
+
+    def _run_dask(self, cell: CompiledCell, raw_cell: str, name: str | None, count: int) -> Job:
+        """Ship the cell and the names it reads to the cluster; bring assigned names back."""
+        runner = self.jobs.runner("dask")
+        runner.client  # noqa: B018 - connect now, so an unreachable scheduler is this cell's error
+        body = runner.ship(cell, self.shell.user_ns, self._hidden_names())
+        job = self.jobs.new_job("dask", name=name, source=raw_cell)
+        shell = self.shell
+
+        def finish(value: Any, names: dict[str, Any]) -> None:
+            shell.user_ns.update(names)
+            write_result(job, shell, value, count)
+
+        body.finish = finish
+        self.attach(job)
+        runner.submit(job, body)
+        return job
+
+    def _hidden_names(self) -> list[str]:
+        """Names not to ship: IPython's own (In, Out, exit...) and `jobs`, while still theirs."""
+        ns, hidden = self.shell.user_ns, self.shell.user_ns_hidden
+        names = [n for n, v in hidden.items() if n in ns and ns[n] is v]
+        if ns.get("jobs") is self.jobs:
+            names.append("jobs")
+        return names
 
     def attach(self, job: Job) -> None:
         """Show the job's handle in the current cell and send its output there, live."""

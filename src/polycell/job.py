@@ -144,9 +144,11 @@ class Job:
         return end - self.started_at
 
     def last_line(self) -> str:
-        for line in reversed(self.output.splitlines()):
-            if line.strip():
-                return line.strip()
+        for raw in reversed(self.output.split("\n")):
+            # A progress bar redraws its line with "\r": only the last drawing counts.
+            line = raw.rstrip("\r").rpartition("\r")[2].strip()
+            if line:
+                return line
         return ""
 
     def wait(self, timeout: float | None = None) -> bool:

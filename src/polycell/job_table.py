@@ -10,26 +10,32 @@ from __future__ import annotations
 import importlib
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from polycell import view
 from polycell.job import Job, JobError, Runner
 from polycell.journal import DEFAULT_MAX_CHARS, OutputJournal
 
-__all__ = ["MODES", "TASK_BACKENDS", "JobTable", "jobs"]
+__all__ = ["ENGINES", "MODES", "TASK_BACKENDS", "JobTable", "jobs"]
 
 #: mode -> "module:Runner class"; a mode is importable only when used.
 MODES: dict[str, str] = {
     "thread": "polycell.thread:ThreadRunner",
     "task": "polycell.task:TaskRunner",
     "process": "polycell.process:ProcessRunner",
+    "dask": "polycell.dask_runner:DaskRunner",
 }
 
 #: Event loops a task job can run on, besides the default (asyncio, `MODES["task"]`).
 TASK_BACKENDS: dict[str, str] = {
     "asyncio": "polycell.task:TaskRunner",
     "trio": "polycell.trio_task:TrioTaskRunner",
+}
+
+#: Runners of jobs that are not ``%%bg`` cells (``jobs.map``): same table, not a ``--mode``.
+ENGINES: dict[str, str] = {
+    "map": "polycell.parallel_map:MapRunner",
 }
 
 
@@ -44,6 +50,10 @@ class JobTable:
         #: Cap, in characters, on each new job's journal kept in memory.
         self.journal_max_chars = DEFAULT_MAX_CHARS
         self._new_job_listeners: list[Callable[[Job], None]] = []
+        #: Called with each job started through the Python API (`map`), in the
+        #: caller's context; the IPython layer uses it to show the job in the
+        #: calling cell.
+        self.on_new_job: Callable[[Job], None] | None = None
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -82,9 +92,10 @@ class JobTable:
         with self._lock:
             runner = self._runners.get((mode, backend))
             if runner is None:
-                if mode not in MODES:
+                path = MODES.get(mode) or ENGINES.get(mode)
+                if path is None:
                     raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-                target = MODES[mode]
+                target = path
                 if backend is not None:
                     if mode != "task":
                         raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
@@ -99,7 +110,7 @@ class JobTable:
 
     def new_job(self, mode: str, *, name: str | None = None, source: str = "", **info: Any) -> Job:
         """Register a pending job; the caller hands it to `runner(mode).submit`."""
-        if mode not in MODES:
+        if mode not in MODES and mode not in ENGINES:
             raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         with self._lock:
             job_id = next(self._ids)
@@ -133,13 +144,46 @@ class JobTable:
         job = self.new_job(mode, name=name, source=source)
         return runner.submit(job, body)
 
+    def map(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        workers: int | None = None,
+        mode: str = "process",
+        *,
+        chunksize: int | None = None,
+        name: str | None = None,
+    ) -> Job:
+        """``[func(x) for x in iterable]`` in parallel, as a job with a progress bar.
+
+        Returns the job at once; its `result` is the list of results in input
+        order. `mode` is ``process`` (forked workers, escapes the GIL),
+        ``thread`` or ``dask`` (the cluster of `polycell.use_dask`);
+        `workers` defaults to one per CPU (dask: every worker thread). See
+        `polycell.parallel_map`.
+        """
+        from polycell.parallel_map import make_spec
+
+        dask_client = (lambda: self.runner("dask").client) if mode == "dask" else None
+        spec = make_spec(
+            func, iterable, workers=workers, mode=mode, chunksize=chunksize, dask_client=dask_client
+        )
+        runner = self.runner("map")
+        label = getattr(func, "__name__", type(func).__name__)
+        job = self.new_job("map", name=name or f"map {label}")
+        if self.on_new_job is not None:
+            self.on_new_job(job)
+        return runner.submit(job, spec)
+
     def shutdown(self, timeout: float = 2.0) -> list[Job]:
         """Kill every running job and stop every runner; returns the jobs that were running."""
         running = self.running()
         for job in running:
             job.kill_requested = True
         with self._lock:
-            runners, self._runners = list(self._runners.values()), {}
+            # Engines first: a map on dask still needs the dask runner's client to cancel.
+            order = sorted(self._runners, key=lambda mode: mode not in ENGINES)
+            runners, self._runners = [self._runners[mode] for mode in order], {}
         for runner in runners:
             runner.shutdown(timeout)
         return running

@@ -50,6 +50,8 @@ def job_row(job: Job) -> dict[str, Any]:
         "id": job.id,
         "name": job.name,
         "mode": job.mode,
+        # Where it runs, when that is not this kernel: a dask worker, a map's worker pool.
+        "where": str(job.info.get("worker") or job.info.get("workers") or ""),
         "status": status_text(job),
         "elapsed": round(job.elapsed, 3),
         "last_output": last,
@@ -61,7 +63,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [
         str(row["id"]),
         row["name"],
-        row["mode"],
+        f"{row['mode']} @ {row['where']}" if row["where"] else row["mode"],
         row["status"],
         format_elapsed(row["elapsed"]),
         row["last_output"],

@@ -1,0 +1,356 @@
+"""What runs on a dask worker for polycell: a background cell, a map chunk, and a kill.
+
+The kernel ships functions of this module to the workers by reference, so
+polycell must be importable there (it is on a `LocalCluster`; a remote cluster
+needs ``pip install polycell`` next to dask).
+
+Output capture is per task, not per process: ``sys.stdout``/``sys.stderr`` of
+the worker are replaced once by streams that send a write to the *sink* of
+the task running in the calling context (a context variable), and pass it
+through otherwise, so tasks running side by side on one worker's threads keep
+their output apart. ``IPython.display.display`` is wrapped the same way, so
+rich output of a cell reaches the notebook as ``display_data``.
+
+A cell's sink publishes its records as dask events (``Worker.log_event`` on
+the cell's topic; the kernel's client subscribes to it), numbered so the
+kernel can tell when it has received all of them. A map chunk's sink just
+collects records and returns them with the chunk's results.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextvars
+import ctypes
+import linecache
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from polycell.job import JobKilled
+
+__all__ = ["interrupt_cell", "map_chunk", "run_cell"]
+
+Record = dict[str, Any]
+
+_sink: contextvars.ContextVar[Any] = contextvars.ContextVar("polycell_dask_sink", default=None)
+_install_lock = threading.Lock()
+#: Events are sent when this much stream text is buffered, or after this long.
+_EVENT_CHARS = 32_000
+_EVENT_SECONDS = 0.1
+
+
+class _CapturingStream:
+    """The worker's ``sys.stdout``/``sys.stderr``: text of a polycell task goes to its sink."""
+
+    _polycell_capture = True
+
+    def __init__(self, name: str, inner: Any) -> None:
+        self._name = name
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        sink = _sink.get()
+        if sink is None:
+            return self._inner.write(text)
+        sink.write(self._name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if _sink.get() is None:
+            self._inner.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _install_capture() -> None:
+    """Wrap the worker's streams and ``display`` once per worker process."""
+    with _install_lock:
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if not getattr(stream, "_polycell_capture", False):
+                setattr(sys, name, _CapturingStream(name, stream))
+        try:
+            import IPython.display
+            from IPython.core import display_functions
+        except ImportError:  # pragma: no cover - IPython is a dependency of polycell
+            return
+        if not isinstance(display_functions.display, _CapturingDisplay):
+            wrapper = _CapturingDisplay(display_functions.display)
+            display_functions.display = wrapper
+            IPython.display.display = wrapper  # type: ignore[attr-defined]
+
+
+def _ipython_display() -> Any:
+    """IPython's own ``display`` wherever this is unpickled (the kernel, or a worker)."""
+    from IPython.core import display_functions
+
+    display = display_functions.display
+    return display.original if isinstance(display, _CapturingDisplay) else display
+
+
+class _CapturingDisplay:
+    """``IPython.display.display`` on the worker: rich output of a polycell task goes to its sink.
+
+    A cell that imports ``display`` assigns it; when that name is sent back to
+    the notebook it must become the notebook's own ``display`` again, hence
+    `__reduce__`.
+    """
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+
+    def __call__(self, *objs: Any, **kwargs: Any) -> Any:
+        sink = _sink.get()
+        if sink is None or kwargs.get("display_id") is not None:
+            return self.original(*objs, **kwargs)
+        from IPython.core.formatters import DisplayFormatter
+
+        formatter = DisplayFormatter()
+        for obj in objs:
+            data, metadata = (obj, {}) if kwargs.get("raw") else formatter.format(obj)
+            sink.append({"msg_type": "display_data", "content": {"data": data, "metadata": metadata}})
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _ipython_display, ()
+
+
+class _Sink:
+    """Collects a task's output records, merging consecutive text of one stream."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.records: list[Record] = []
+        self._name = ""
+        self._parts: list[str] = []
+        self._size = 0
+
+    def write(self, name: str, text: str) -> None:
+        if not text:
+            return
+        with self.lock:
+            if name != self._name:
+                self._flush_locked()
+                self._name = name
+            self._parts.append(text)
+            self._size += len(text)
+            self._wrote_locked()
+
+    def append(self, record: Record) -> None:
+        with self.lock:
+            self._flush_locked()
+            self._emit_locked(record)
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush_locked()
+
+    def _wrote_locked(self) -> None:
+        if self._size >= _EVENT_CHARS:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._parts:
+            text, self._parts, self._size = "".join(self._parts), [], 0
+            self._emit_locked({"msg_type": "stream", "content": {"name": self._name, "text": text}})
+
+    def _emit_locked(self, record: Record) -> None:
+        self.records.append(record)
+
+
+class _EventSink(_Sink):
+    """A cell's sink: records go to the kernel as numbered dask events, live."""
+
+    def __init__(self, worker: Any, topic: str) -> None:
+        super().__init__()
+        self.worker = worker
+        self.topic = topic
+        self.sent = 0
+        self._timer_armed = False
+        self._since = time.monotonic()
+
+    def _wrote_locked(self) -> None:
+        if self._size >= _EVENT_CHARS or time.monotonic() - self._since >= _EVENT_SECONDS:
+            self._flush_locked()
+        elif not self._timer_armed:
+            # Text printed just before a long pause must not wait for the next print.
+            self._timer_armed = True
+            self.worker.loop.add_callback(self.worker.loop.call_later, _EVENT_SECONDS, self._timer)
+
+    def _timer(self) -> None:
+        with self.lock:
+            self._timer_armed = False
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        super()._flush_locked()
+        self._since = time.monotonic()
+
+    def _emit_locked(self, record: Record) -> None:
+        self.worker.log_event(self.topic, {"seq": self.sent, "record": record})
+        self.sent += 1
+
+    def event(self, msg: dict[str, Any]) -> None:
+        """A control event (started, ended): not output, not counted."""
+        self.worker.log_event(self.topic, msg)
+
+
+# -- killing a running cell -----------------------------------------------------------------
+
+
+class _Slot:
+    """A cell running on this worker; the lock keeps a kill from landing after the cell ends."""
+
+    def __init__(self) -> None:
+        self.ident = threading.get_ident()
+        self.lock = threading.Lock()
+        self.in_user_code = False
+        self.exception_sent = False
+
+
+_running: dict[str, _Slot] = {}
+
+
+def _raise_in_thread(ident: int, exc_type: type[BaseException] | None) -> None:
+    obj = ctypes.py_object(exc_type) if exc_type is not None else None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), obj)
+
+
+def interrupt_cell(topic: str) -> bool:
+    """Run on the worker by ``Client.run``: raise `JobKilled` in the cell's thread.
+
+    Works at the cell's next bytecode; a cell blocked in C code (``time.sleep``,
+    a socket, a lock) only sees it when that call returns. True if sent.
+    """
+    slot = _running.get(topic)
+    if slot is None:
+        return False
+    with slot.lock:
+        if not slot.in_user_code or slot.exception_sent:
+            return False
+        slot.exception_sent = True
+        _raise_in_thread(slot.ident, JobKilled)
+    return True
+
+
+# -- tasks --------------------------------------------------------------------------------------
+
+
+def _format_error(exc: BaseException, filename: str) -> Record:
+    tb = exc.__traceback__
+    entry = tb
+    while entry is not None and entry.tb_frame.f_code.co_filename != filename:
+        entry = entry.tb_next
+    lines = traceback.format_exception(type(exc), exc, entry or tb)
+    return {
+        "msg_type": "error",
+        "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": lines},
+    }
+
+
+def _pack(value: Any) -> tuple[bytes | None, str]:
+    try:
+        return cloudpickle.dumps(value), ""
+    except Exception as exc:  # noqa: BLE001 - reported to the kernel by name
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str, Any]:
+    """Run a cell shipped by the kernel; its output goes out as events on `topic`.
+
+    Returns the cell's status, its value and the names it assigned, each
+    cloudpickled (or the reason it could not be), and how many output records
+    were sent, so the kernel knows when it has all of them.
+    """
+    from distributed import get_worker
+
+    worker = get_worker()
+    _install_capture()
+    sink = _EventSink(worker, topic)
+    slot = _Slot()
+    _running[topic] = slot
+    sink.event({"started": worker.address, "thread": threading.current_thread().name})
+    token = _sink.set(sink)
+    status, value, exc_bytes = "done", None, None
+    cell: Any = None
+    try:
+        cell = cloudpickle.loads(cell_bytes)
+        linecache.cache[cell.filename] = (len(cell.source), None, cell.source.splitlines(True), cell.filename)
+        namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        for name, data in names.items():
+            namespace[name] = cloudpickle.loads(data)
+        with slot.lock:
+            slot.in_user_code = True
+        try:
+            value = cell.run(namespace)
+        finally:
+            with slot.lock:
+                slot.in_user_code = False
+                if slot.exception_sent:
+                    _raise_in_thread(slot.ident, None)
+    except JobKilled:
+        status = "killed"
+    except BaseException as exc:  # noqa: BLE001 - the cell's failure goes back to its notebook
+        status = "failed"
+        sink.append(_format_error(exc, cell.filename if cell is not None else ""))
+        exc_bytes, _ = _pack(exc)
+    finally:
+        _sink.reset(token)
+        _running.pop(topic, None)
+    assigned: dict[str, bytes] = {}
+    unsent: dict[str, str] = {}
+    if status == "done":
+        for name in cell.assigned:
+            if name in namespace:
+                data, why = _pack(namespace[name])
+                if data is None:
+                    unsent[name] = why
+                else:
+                    assigned[name] = data
+    value_bytes, value_why = _pack(value) if value is not None else (None, "")
+    if value_why:
+        unsent["the cell's value"] = value_why
+    sink.flush()
+    sink.event({"ended": status, "records": sink.sent})
+    return {
+        "status": status,
+        "records": sink.sent,
+        "value": value_bytes,
+        "names": assigned,
+        "unsent": unsent,
+        "exception": exc_bytes,
+        "worker": worker.address,
+    }
+
+
+def map_chunk(func: Any, items: list[Any], start: int) -> dict[str, Any]:
+    """Run `func` over one chunk of a map; the output it printed comes back with the results."""
+    _install_capture()
+    sink = _Sink()
+    token = _sink.set(sink)
+    results = []
+    index = start
+    try:
+        for item in items:
+            results.append(func(item))
+            index += 1
+    except Exception as exc:  # noqa: BLE001 - reported as the map's failure, with the index
+        sink.flush()
+        return {
+            "status": "error",
+            "index": index,
+            "ename": type(exc).__name__,
+            "evalue": str(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "records": sink.records,
+        }
+    finally:
+        _sink.reset(token)
+    sink.flush()
+    return {"status": "done", "start": start, "results": results, "records": sink.records}

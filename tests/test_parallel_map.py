@@ -1,0 +1,195 @@
+"""jobs.map in a real kernel: order, progress in the calling cell, failures, kill, chunking."""
+
+from __future__ import annotations
+
+import pytest
+
+from kernel_session import KernelSession
+
+MODES = ["process", "thread"]
+
+
+def _map_job(kernel: KernelSession, msg_id: str) -> int:
+    """The id of the map job a cell started, read from the handle shown in that cell."""
+    handle = kernel.wait_for(
+        lambda m: (
+            m["msg_type"] == "display_data"
+            and m["parent_header"].get("msg_id") == msg_id
+            and "polycell-handle" in m["content"]["data"].get("text/html", "")
+        )
+    )
+    return int(handle["content"]["data"]["text/plain"].split()[2])
+
+
+def _job_stream(kernel: KernelSession, msg_id: str, job: int, name: str) -> str:
+    return "".join(
+        m["content"]["text"]
+        for m in kernel.outputs(msg_id)
+        if m["msg_type"] == "stream"
+        and m["content"]["name"] == name
+        and m["metadata"].get("polycell", {}).get("job") == job
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_map_results_in_order_with_progress_and_output_in_the_calling_cell(kernel, mode):
+    kernel.run(
+        "import time\n"
+        "def work(x):\n"
+        "    if x % 10 == 0:\n"
+        "        print('item', x)\n"
+        "    time.sleep(0.002 * (x % 3))  # uneven items, so chunks finish out of order\n"
+        "    return x * x"
+    )
+    msg_id = kernel.execute(f"j = jobs.map(work, range(200), workers=2, mode={mode!r}, chunksize=7)")
+    assert kernel.reply(msg_id)["content"]["status"] == "ok"
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    assert kernel.eval("(j.status.value, j.result == [x * x for x in range(200)], j.mode)") == (
+        "done",
+        True,
+        "map",
+    )
+    printed = _job_stream(kernel, msg_id, job, "stdout")
+    assert sorted(printed.splitlines(), key=lambda s: int(s.split()[1])) == [
+        f"item {x}" for x in range(0, 200, 10)
+    ]
+    bar = _job_stream(kernel, msg_id, job, "stderr")
+    assert "\r" in bar
+    assert "200/200" in bar.rpartition("\r")[2]
+    # The journal holds the same output, so %job show can replay it.
+    assert kernel.eval("'200/200' in j.output and 'item 190' in j.output") is True
+    table = kernel.text(kernel.run("print(repr(jobs))")["parent_header"]["msg_id"])
+    assert f"map @ 2 {mode}" in table
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failing_item_fails_the_map_with_its_index_and_stops_the_rest(kernel, mode):
+    kernel.run(
+        "import time\n"
+        "def work(x):\n"
+        "    if x == 17:\n"
+        "        raise ValueError('no seventeen')\n"
+        "    time.sleep(0.01)\n"
+        "    print('ran', x)\n"
+        "    return x"
+    )
+    msg_id = kernel.execute(f"j = jobs.map(work, range(1000), workers=2, mode={mode!r}, chunksize=10)")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    errors = [m for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["content"]["evalue"] == "item 17 failed: ValueError: no seventeen"
+    assert errors[0]["metadata"]["polycell"]["job"] == job
+    assert any("raise ValueError('no seventeen')" in line for line in errors[0]["content"]["traceback"])
+    assert kernel.eval("(j.status.value, str(j.exception), type(j.exception.__cause__).__name__)") == (
+        "failed",
+        "item 17 failed: ValueError: no seventeen",
+        "ValueError",
+    )
+    ran = _job_stream(kernel, msg_id, job, "stdout").count("ran ")
+    assert ran < 1000 - 17  # the other worker stopped long before the end
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_stops_every_worker(kernel, mode):
+    kernel.run("import time, psutil\ndef slow(x):\n    print('start', x)\n    time.sleep(60)\n    return x")
+    msg_id = kernel.execute(f"j = jobs.map(slow, range(8), workers=2, mode={mode!r})")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_for(
+        lambda m: (
+            m["msg_type"] == "stream" and "start" in m["content"]["text"] and m["metadata"].get("polycell")
+        )
+    )
+    assert kernel.eval("j.kill().value") == "killed"
+    kernel.wait_job_end(job)
+    assert kernel.eval("j.status.value") == "killed"
+    if mode == "process":
+        pids = kernel.eval("[int(p) for p in j.info['pids'].split(',')]")
+        assert len(pids) == 2
+        assert kernel.eval(f"[psutil.pid_exists(p) for p in {pids}]") == [False, False]
+    else:
+        assert kernel.eval("[t.name for t in __import__('threading').enumerate() if 'map' in t.name]") == []
+
+
+def test_process_workers_escape_a_kernel_interrupt(kernel):
+    """A kernel interrupt is for the foreground cell; a map's workers keep going."""
+    kernel.run("import time\ndef nap(x):\n    time.sleep(0.3)\n    return x")
+    msg_id = kernel.execute("j = jobs.map(nap, range(8), workers=2, mode='process', chunksize=1)")
+    job = _map_job(kernel, msg_id)
+    fg = kernel.execute("time.sleep(30)")
+    kernel.wait_for(lambda m: m["msg_type"] == "status" and m["parent_header"].get("msg_id") == fg)
+    kernel.km.interrupt_kernel()
+    assert kernel.reply(fg)["content"]["ename"] == "KeyboardInterrupt"
+    kernel.wait_job_end(job)
+    assert kernel.eval("(j.status.value, j.result)") == ("done", list(range(8)))
+
+
+def test_100000_tiny_items_go_in_chunks(kernel):
+    msg_id = kernel.execute("j = jobs.map(abs, range(-50000, 50000), mode='process')")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job, timeout=120)  # generous hang guard; speed is for benchmarks/bench_map.py
+    assert kernel.eval("(j.status.value, len(j.result), j.result[:3], j.result[-1])") == (
+        "done",
+        100000,
+        [50000, 49999, 49998],
+        49999,
+    )
+    # Chunked: a few dozen round trips, so the bar is redrawn a bounded number of times.
+    assert kernel.eval("j.output.count(chr(13))") < 200
+
+
+def test_empty_map_is_done_with_an_empty_list(kernel):
+    msg_id = kernel.execute("j = jobs.map(abs, [], mode='process')")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    assert kernel.eval("(j.status.value, j.result)") == ("done", [])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("jobs.map(3, range(3))", "jobs.map: func must be callable, got int"),
+        (
+            "jobs.map(abs, range(3), mode='gpu')",
+            "jobs.map: unknown mode 'gpu': choose one of process, thread, dask",
+        ),
+        ("jobs.map(abs, range(3), workers=0)", "jobs.map: workers must be a whole number >= 1"),
+        ("jobs.map(abs, 5)", "jobs.map: the items must be iterable"),
+    ],
+)
+def test_bad_map_arguments_say_what_is_wrong(kernel, call, message):
+    reply = kernel.run(call)
+    assert reply["content"]["ename"] == "JobError"
+    assert reply["content"]["evalue"].startswith(message)
+    assert "\n" not in reply["content"]["evalue"]
+    assert kernel.eval("len(jobs)") == 0
+
+
+def test_unpicklable_result_names_the_item(kernel):
+    kernel.run("import threading\ndef lock_for(x):\n    return threading.Lock() if x == 5 else x")
+    msg_id = kernel.execute("j = jobs.map(lock_for, range(10), workers=2, mode='process', chunksize=3)")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    message = kernel.eval("str(j.exception)")
+    assert message.startswith("item 5 failed: TypeError: its result cannot be sent back to the kernel")
+
+
+def test_display_in_a_process_worker_reaches_the_cell(kernel):
+    kernel.run(
+        "from IPython.display import display, HTML\n"
+        "def show(x):\n"
+        "    display(HTML(f'<i>item {x}</i>'))\n"
+        "    return x"
+    )
+    msg_id = kernel.execute("j = jobs.map(show, range(3), workers=2, mode='process')")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    shown = sorted(
+        m["content"]["data"]["text/html"]
+        for m in kernel.outputs(msg_id)
+        if m["msg_type"] == "display_data"
+        and m["metadata"].get("polycell", {}).get("job") == job
+        and "polycell-handle" not in m["content"]["data"].get("text/html", "")
+    )
+    assert shown == [f"<i>item {x}</i>" for x in range(3)]
