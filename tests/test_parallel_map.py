@@ -117,8 +117,7 @@ def test_process_workers_escape_a_kernel_interrupt(kernel):
     kernel.run("import time\ndef nap(x):\n    time.sleep(0.3)\n    return x")
     msg_id = kernel.execute("j = jobs.map(nap, range(8), workers=2, mode='process', chunksize=1)")
     job = _map_job(kernel, msg_id)
-    fg = kernel.execute("time.sleep(30)")
-    kernel.wait_for(lambda m: m["msg_type"] == "status" and m["parent_header"].get("msg_id") == fg)
+    fg = kernel.start_foreground("time.sleep(30)")
     kernel.km.interrupt_kernel()
     assert kernel.reply(fg)["content"]["ename"] == "KeyboardInterrupt"
     kernel.wait_job_end(job)

@@ -63,7 +63,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [
         str(row["id"]),
         row["name"],
-        f"{row['mode']} @ {row['where']}" if row["where"] else row["mode"],
+        f"{row['mode']} @ {row['where']}" if row.get("where") else row["mode"],  # not in stored rows
         row["status"],
         format_elapsed(row["elapsed"]),
         row["last_output"],
