@@ -153,6 +153,7 @@ def test_job_kill_marks_the_jobs_cell_killed(open_notebook: OpenNotebook) -> Non
     nb.run(2)
     nb.expect_output(2, "job 1 killed")
     expect(nb.cell(1).locator(".polycell-handle")).to_contain_text("killed", timeout=60_000)
+    nb.expect_output(1, "job 1 killed after")
     assert "woke up" not in nb.output_text(1)
     finish(nb, "4-job-kill")
 
