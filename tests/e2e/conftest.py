@@ -135,7 +135,7 @@ def open_notebook(lab: LabServer, browser: Browser, request: pytest.FixtureReque
     """
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     opened: list[NotebookPage] = []
-    context = browser.new_context(viewport={"width": 1000, "height": 1000})
+    context = browser.new_context(viewport={"width": 1240, "height": 1000})
 
     def open_(name: str, cells: list[str], kernel: str = "python3") -> NotebookPage:
         path = lab.write_notebook(name, cells, kernel)
