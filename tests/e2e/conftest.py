@@ -16,9 +16,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+from lab_server import LabServer
+
+if TYPE_CHECKING:
+    from notebook_page import OpenNotebook
+    from playwright.sync_api import Browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 # The browser the tests drive is Debian's chromium (scripts/install-browser); Playwright's
@@ -34,16 +40,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: run scripts/install-browser", allow_module_level=True)
-
-from lab_server import LabServer  # noqa: E402
-from notebook_page import NotebookPage, OpenNotebook  # noqa: E402
-from playwright.sync_api import Browser, sync_playwright  # noqa: E402
-
-CHECKOUT = Path(__file__).resolve().parents[2]
-ARTIFACTS = CHECKOUT / "test-artifacts" / "e2e"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
 
 # pid -> whether its descendants are exempt from the per-test leak check too.
 RESIDENTS: dict[int, bool] = {}
@@ -101,7 +98,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Headless Chromium driven by Playwright (sync API)."""
+    """Headless Chromium driven by Playwright (sync API); the tests skip without them."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM}: run scripts/install-browser (as root)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     before = {p.pid for p in psutil.Process().children()}
     playwright = sync_playwright().start()
     drivers = [p for p in psutil.Process().children() if p.pid not in before]
@@ -133,6 +133,8 @@ def open_notebook(lab: LabServer, browser: Browser, request: pytest.FixtureReque
     At the end the kernels are shut down through the server's API, so the leak
     check can prove no kernel outlived the test.
     """
+    from notebook_page import NotebookPage
+
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     opened: list[NotebookPage] = []
     context = browser.new_context(viewport={"width": 1240, "height": 1000})

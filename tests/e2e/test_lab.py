@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
+
+pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+
 from lab_server import POLYCELL_KERNEL, STOCK_KERNEL, polycell_kernel_available
 from notebook_page import NotebookPage, OpenNotebook
 from playwright.sync_api import expect
