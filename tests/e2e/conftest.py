@@ -127,7 +127,7 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def open_notebook(lab: LabServer, browser: Browser, request: pytest.FixtureRequest) -> Iterator[OpenNotebook]:
+def open_notebook(browser: Browser, lab: LabServer, request: pytest.FixtureRequest) -> Iterator[OpenNotebook]:
     """Write a notebook of the given cells, open it in a fresh browser context, and clean up.
 
     At the end the kernels are shut down through the server's API, so the leak
