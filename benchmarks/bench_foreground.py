@@ -98,7 +98,7 @@ def _stock(rows: list[Row]) -> None:
         rows.append(
             Row(
                 BENCH,
-                f"{JOBS} CPU cells in the foreground, stock ipykernel",
+                f"stock ipykernel, blocked by {JOBS} CPU cells",
                 _ms(blocked),
                 "ms",
                 extra={
