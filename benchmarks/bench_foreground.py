@@ -1,0 +1,122 @@
+"""A trivial foreground cell while CPU-bound work runs: does the notebook stay usable?
+
+Measured side by side in one run:
+
+- ipykernel + polycell extension, idle: median round trip of a trivial cell;
+- the same while 2 CPU-bound ``%%bg`` thread jobs (busy loops) run. Threads share
+  the GIL, so the cell slows down; the bar is <= 3x idle;
+- stock ipykernel (no polycell), idle, for reference;
+- stock ipykernel where the same CPU work runs as 2 foreground cells: the trivial
+  cell sent after them is blocked until they end (time until its reply).
+
+Round trip = execute_request sent -> execute_reply and idle status received.
+"""
+
+from __future__ import annotations
+
+import time
+
+from harness import KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
+
+BENCH = "foreground round trip"
+SAMPLES = 50
+JOBS = 2
+CPU_SECONDS = 1.0  # per CPU cell in the stock-ipykernel reference
+
+# One unit of CPU-bound pure-Python work, repeated until told to stop (polycell) or
+# for CPU_SECONDS (stock reference): the same loop body in both.
+SETUP = """
+import threading, time
+_bench_stop = threading.Event()
+def _bench_cpu(seconds=None):
+    end = None if seconds is None else time.perf_counter() + seconds
+    while not _bench_stop.is_set() and (end is None or time.perf_counter() < end):
+        sum(range(1000))
+"""
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def _wait_running(session: KernelSession, job_ids: range, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        while session.eval(f"jobs[{job_id}].status.value") != "running":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"busy job {job_id} did not start in {timeout}s")
+            time.sleep(0.01)
+
+
+def _polycell(rows: list[Row]) -> None:
+    session = KernelSession(stock_kernel_argv(), load_ext=True)
+    try:
+        session.run(SETUP)
+        median_round_trip(session, "1", n=10)  # warm up
+        idle = median_round_trip(session, "1", n=SAMPLES)
+        rows.append(Row(BENCH, "idle, ipykernel + polycell ext", _ms(idle), "ms"))
+
+        first = session.eval("len(jobs)") + 1
+        for _ in range(JOBS):
+            session.run("%%bg --name busy\n_bench_cpu()")
+        _wait_running(session, range(first, first + JOBS))
+        busy = median_round_trip(session, "1", n=SAMPLES)
+        session.run("_bench_stop.set()")
+        for job_id in range(first, first + JOBS):
+            session.wait_job_end(job_id, timeout=60)
+        ratio = busy / idle
+        rows.append(
+            Row(
+                BENCH,
+                f"{JOBS} thread jobs, ipykernel + polycell ext",
+                _ms(busy),
+                "ms",
+                "<= 3x idle",
+                ratio <= 3,
+                {"ratio": round(ratio, 1), "idle_ms": round(_ms(idle), 3)},
+            )
+        )
+    finally:
+        session.close()
+
+
+def _stock(rows: list[Row]) -> None:
+    session = KernelSession(stock_kernel_argv(), load_ext=False)
+    try:
+        session.run(SETUP)
+        median_round_trip(session, "1", n=10)
+        idle = median_round_trip(session, "1", n=SAMPLES)
+        rows.append(Row(BENCH, "idle, stock ipykernel", _ms(idle), "ms"))
+
+        for _ in range(JOBS):
+            session.execute(f"_bench_cpu({CPU_SECONDS})")
+        t0 = time.perf_counter()
+        msg_id = session.execute("1")
+        session.reply(msg_id, timeout=60 + JOBS * CPU_SECONDS)
+        session.wait_idle(msg_id)
+        blocked = time.perf_counter() - t0
+        rows.append(
+            Row(
+                BENCH,
+                f"stock ipykernel, blocked by {JOBS} CPU cells",
+                _ms(blocked),
+                "ms",
+                extra={
+                    "note": f"blocked until the {JOBS} x {CPU_SECONDS:g} s of CPU work ends",
+                    "ratio": round(blocked / idle, 1),
+                },
+            )
+        )
+    finally:
+        session.close()
+
+
+def run() -> list[Row]:
+    rows: list[Row] = []
+    _polycell(rows)
+    _stock(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    print_rows(run())
