@@ -5,21 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from kernel_session import KernelSession, kernel_env
-
-#: Roots of process trees that live for the whole session (the test Dask
-#: cluster): the leak check ignores them and their descendants, nothing else.
-SESSION_PROCESSES: set[int] = set()
+from leak_check import RESIDENTS, leftovers
 
 _CLUSTER_SCRIPT = """
 import sys
@@ -57,7 +52,7 @@ def dask_cluster() -> Iterator[str]:
         text=True,
         env=kernel_env(),
     )
-    SESSION_PROCESSES.add(proc.pid)
+    RESIDENTS[proc.pid] = True
     try:
         address = proc.stdout.readline().strip() if proc.stdout else ""
         if not address.startswith("tcp://"):
@@ -71,14 +66,7 @@ def dask_cluster() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-        SESSION_PROCESSES.discard(proc.pid)
-
-
-def _session_owned(process: psutil.Process) -> bool:
-    try:
-        return process.pid in SESSION_PROCESSES or any(p.pid in SESSION_PROCESSES for p in process.parents())
-    except psutil.Error:
-        return False
+        RESIDENTS.pop(proc.pid, None)
 
 
 @pytest.fixture(autouse=True)
@@ -86,18 +74,6 @@ def no_leaks() -> Iterator[None]:
     """Fail a test that leaves threads of its own or child processes running."""
     threads_before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 10
-    while True:
-        children = [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and not _session_owned(p)
-        ]
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
-        if not children and not threads:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"left behind: processes {[p.pid for p in children]}, threads {[t.name for t in threads]}"
-            )
-        time.sleep(0.05)
+    problem = leftovers(threads_before)
+    if problem:
+        pytest.fail(problem)

@@ -13,15 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jupyter_kernel_test
-import psutil
-import pytest
 
 from kernel_session import kernel_env
+from leak_check import RESIDENTS
 
 
 class PolycellKernelConformance(jupyter_kernel_test.KernelTests):
@@ -59,6 +56,7 @@ class PolycellKernelConformance(jupyter_kernel_test.KernelTests):
 
     _tmp: str
     _saved_env: dict[str, str | None]
+    _kernel_pid: int
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -74,12 +72,16 @@ class PolycellKernelConformance(jupyter_kernel_test.KernelTests):
         os.environ["JUPYTER_PATH"] = str(Path(cls._tmp) / "share" / "jupyter")
         os.environ["PYTHONPATH"] = env["PYTHONPATH"]
         super().setUpClass()
+        # The suite keeps one kernel for the whole class: a resident, not a leak.
+        cls._kernel_pid = cls.km.provisioner.pid
+        RESIDENTS[cls._kernel_pid] = True
 
     @classmethod
     def tearDownClass(cls) -> None:
         try:
             super().tearDownClass()
         finally:
+            RESIDENTS.pop(cls._kernel_pid, None)
             for name, value in cls._saved_env.items():
                 if value is None:
                     os.environ.pop(name, None)
@@ -102,23 +104,3 @@ class PolycellKernelConformance(jupyter_kernel_test.KernelTests):
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 break
         assert text.strip() == "PolycellKernel"
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """The shared leak check, allowing the one kernel this class keeps across its tests."""
-    yield
-    kernel = getattr(PolycellKernelConformance, "km", None)
-    kernel_pid = kernel.provisioner.pid if kernel is not None and kernel.provisioner else None
-    deadline = time.monotonic() + 10
-    while True:
-        children = [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p.pid != kernel_pid
-        ]
-        if not children:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"left behind: processes {[p.pid for p in children]}")
-        time.sleep(0.05)

@@ -1,19 +1,16 @@
 """Fixtures for the browser tests: one JupyterLab server and one headless Chromium per module.
 
 Starting JupyterLab and Chromium takes seconds, so both live for a whole test
-module. That collides with the suite's autouse leak check (no child process may
-outlive a test), so this directory overrides `no_leaks` with the same check plus
-one explicit exemption: the pids registered in `RESIDENTS`. The server itself is
-exempt but not its children — every kernel a test starts must be gone when the
-test ends — and the Playwright driver is exempt with its browser processes.
+module, registered as residents of the suite's leak check (tests/leak_check.py)
+while they live. The server itself is exempt but not its children (every kernel
+a test starts must be gone when the test ends), and the Playwright driver is exempt
+with its browser processes.
 Both are checked at module teardown: stopping them must leave nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +18,8 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 from lab_server import LabServer
+
+from leak_check import RESIDENTS
 
 if TYPE_CHECKING:
     from notebook_page import OpenNotebook
@@ -41,43 +40,6 @@ CHROMIUM_ARGS = [
 ]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "e2e"
-
-# pid -> whether its descendants are exempt from the per-test leak check too.
-RESIDENTS: dict[int, bool] = {}
-
-
-def _exempt_pids() -> set[int]:
-    exempt = set()
-    for pid, with_descendants in RESIDENTS.items():
-        exempt.add(pid)
-        if with_descendants:
-            with contextlib.suppress(psutil.Error):
-                exempt.update(p.pid for p in psutil.Process(pid).children(recursive=True))
-    return exempt
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """The suite's leak check (tests/conftest.py), with this module's residents exempt."""
-    threads_before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 20
-    while True:
-        exempt = _exempt_pids()
-        children = [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if p.pid not in exempt and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
-        if not children and not threads:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"left behind: processes {[(p.pid, p.name()) for p in children]}, "
-                f"threads {[t.name for t in threads]}"
-            )
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
