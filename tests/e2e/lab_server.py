@@ -9,7 +9,6 @@ write the user's Jupyter setup. The kernels it starts get this checkout's
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
@@ -54,15 +53,6 @@ _QUIET_LAB_SETTINGS = {
 }
 
 
-def polycell_kernel_available() -> bool:
-    """True once the polycell kernel (``polycell.kernelapp``) is part of this checkout."""
-    sys.path.insert(0, str(SRC))
-    try:
-        return importlib.util.find_spec("polycell.kernelapp") is not None
-    finally:
-        sys.path.remove(str(SRC))
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,7 +71,7 @@ class LabServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "jupyterlab.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self.kernels = [STOCK_KERNEL]
+        self.kernels = [STOCK_KERNEL, POLYCELL_KERNEL]
 
     # -- setup ------------------------------------------------------------------------
 
@@ -91,7 +81,9 @@ class LabServer:
             JUPYTER_CONFIG_DIR=str(self.base / "config"),
             JUPYTER_DATA_DIR=str(self.base / "data"),
             JUPYTER_RUNTIME_DIR=str(self.base / "runtime"),
-            JUPYTER_PATH=str(self.base / "path"),
+            JUPYTER_PATH=os.pathsep.join(
+                [str(self.base / "path"), str(self.base / "prefix" / "share" / "jupyter")]
+            ),
             JUPYTERLAB_SETTINGS_DIR=str(self.base / "lab-settings"),
             JUPYTERLAB_WORKSPACES_DIR=str(self.base / "lab-workspaces"),
             JUPYTER_PLATFORM_DIRS="1",
@@ -119,13 +111,13 @@ class LabServer:
             DISPLAY_NAMES[STOCK_KERNEL],
             [self.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         )
-        if polycell_kernel_available():
-            self.kernels.append(POLYCELL_KERNEL)
-            self._install_kernelspec(
-                POLYCELL_KERNEL,
-                DISPLAY_NAMES[POLYCELL_KERNEL],
-                [self.python, "-m", "polycell.kernelapp", "-f", "{connection_file}"],
-            )
+        # The polycell kernelspec is installed the way users install it.
+        subprocess.run(
+            [self.python, "-m", "polycell", "install", "--prefix", str(self.base / "prefix")],
+            check=True,
+            capture_output=True,
+            env=self._environment(),
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -211,7 +203,7 @@ class LabServer:
 
     # -- notebooks --------------------------------------------------------------------
 
-    def write_notebook(self, name: str, cells: list[str], kernel: str = STOCK_KERNEL) -> str:
+    def write_notebook(self, name: str, cells: list[str], kernel: str = POLYCELL_KERNEL) -> str:
         """Write a notebook of code cells into the root dir; returns its path relative to the root."""
         nb = nbformat.v4.new_notebook()
         nb.metadata["kernelspec"] = {

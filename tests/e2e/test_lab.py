@@ -1,5 +1,7 @@
 """polycell in a real JupyterLab, in headless Chromium, used the way a user uses it.
 
+Every notebook runs on the polycell kernel (installed with ``python -m polycell install``).
+
 Each test opens a notebook, runs its cells with Shift+Enter and checks what the
 page shows under each cell. Each saves a screenshot of the notebook into
 test-artifacts/e2e/, and fails on any browser console error mentioning polycell.
@@ -14,11 +16,8 @@ import pytest
 
 pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 
-from lab_server import POLYCELL_KERNEL, STOCK_KERNEL, polycell_kernel_available
 from notebook_page import NotebookPage, OpenNotebook
 from playwright.sync_api import expect
-
-HAS_POLYCELL_KERNEL = polycell_kernel_available()
 
 
 def numbered_lines(text: str, prefix: str) -> list[int]:
@@ -35,7 +34,7 @@ def test_each_job_prints_under_its_own_cell(open_notebook: OpenNotebook) -> None
     nb = open_notebook(
         "side_by_side",
         [
-            "%load_ext polycell\nimport threading, time\nstop = threading.Event()",
+            "import threading, time\nstop = threading.Event()",
             "%%bg --name ticker\nn = 0\nwhile not (stop.is_set() and n >= 5):\n"
             '    print(f"tick {n}")\n    n += 1\n    time.sleep(0.2)\nprint("ticker done")',
             'print("ordinary A")',
@@ -75,19 +74,17 @@ def test_each_job_prints_under_its_own_cell(open_notebook: OpenNotebook) -> None
     finish(nb, "1-each-job-in-its-cell")
 
 
-@pytest.mark.xfail(not HAS_POLYCELL_KERNEL, strict=True, reason="needs the polycell kernel (branch kernel)")
 def test_interrupt_stops_only_the_foreground_cell(open_notebook: OpenNotebook) -> None:
     nb = open_notebook(
         "interrupt",
         [
-            "%load_ext polycell\nimport threading, time\ninterrupted = threading.Event()",
+            "import threading, time\ninterrupted = threading.Event()",
             "try:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    interrupted.set()\n    raise",
             "%%bg --name survivor\nk = 0\nwhile not interrupted.is_set():\n"
             '    print(f"waiting {k}")\n    k += 1\n    time.sleep(0.2)\n'
             'for j in range(3):\n    print(f"after interrupt {j}")\n    time.sleep(0.2)\n'
             'print("survivor finished")',
         ],
-        kernel=POLYCELL_KERNEL if HAS_POLYCELL_KERNEL else STOCK_KERNEL,
     )
     nb.run(0)
     expect(nb.cell(0).locator(".jp-InputPrompt")).to_contain_text("1", timeout=60_000)
@@ -113,7 +110,7 @@ def test_job_show_after_reload_replays_and_follows(open_notebook: OpenNotebook) 
     nb = open_notebook(
         "reload",
         [
-            "%load_ext polycell\nimport threading, time\nrelease = threading.Event()",
+            "import threading, time\nrelease = threading.Event()",
             "%%bg --name reloaded\nn = 0\nwhile not (release.is_set() and n >= 3):\n"
             '    print(f"line {n}")\n    n += 1\n    time.sleep(0.2)\nprint("final line")',
             "%job show 1",
@@ -144,7 +141,7 @@ def test_job_kill_marks_the_jobs_cell_killed(open_notebook: OpenNotebook) -> Non
     nb = open_notebook(
         "kill",
         [
-            "%load_ext polycell\nimport time",
+            "import time",
             '%%bg --name sleeper\nprint("going to sleep")\ntime.sleep(600)\nprint("woke up")',
             "%job kill 1",
         ],
@@ -165,7 +162,7 @@ def test_jobs_renders_an_html_table(open_notebook: OpenNotebook) -> None:
     nb = open_notebook(
         "jobs_table",
         [
-            "%load_ext polycell\nimport time",
+            "import time",
             '%%bg --name quick\nprint("quick work")\n6 * 7',
             "%%bg --name broken\n1 / 0",
             '%%bg --name sleeper\nprint("going to sleep")\ntime.sleep(600)',
