@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -206,3 +207,22 @@ def test_journal_follow_has_no_gap_and_no_duplicate():
         assert ended.wait(10)
     text = "".join(r["content"]["text"] for r in sub.snapshot) + "".join(seen)
     assert text == "".join(f"{i}\n" for i in range(20_000))
+
+
+def test_gil_switch_interval_is_short_only_while_thread_jobs_run(table):
+    from polycell.thread import BUSY_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    inside = []
+    gate = threading.Event()
+
+    def body():
+        inside.append(sys.getswitchinterval())
+        gate.wait(10)
+
+    job = table.submit("thread", body)
+    job2 = table.submit("thread", body)
+    gate.set()
+    assert job.wait(10) and job2.wait(10)
+    assert inside == [BUSY_SWITCH_INTERVAL, BUSY_SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == before

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import builtins
 import contextvars
-import ctypes
 import linecache
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 import cloudpickle
 
 from polycell.job import JobKilled
+from polycell.thread import KillSwitch
 
 __all__ = ["interrupt_cell", "map_chunk", "run_cell"]
 
@@ -204,22 +204,7 @@ class _EventSink(_Sink):
 # -- killing a running cell -----------------------------------------------------------------
 
 
-class _Slot:
-    """A cell running on this worker; the lock keeps a kill from landing after the cell ends."""
-
-    def __init__(self) -> None:
-        self.ident = threading.get_ident()
-        self.lock = threading.Lock()
-        self.in_user_code = False
-        self.exception_sent = False
-
-
-_running: dict[str, _Slot] = {}
-
-
-def _raise_in_thread(ident: int, exc_type: type[BaseException] | None) -> None:
-    obj = ctypes.py_object(exc_type) if exc_type is not None else None
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), obj)
+_running: dict[str, KillSwitch] = {}
 
 
 def interrupt_cell(topic: str) -> bool:
@@ -228,15 +213,8 @@ def interrupt_cell(topic: str) -> bool:
     Works at the cell's next bytecode; a cell blocked in C code (``time.sleep``,
     a socket, a lock) only sees it when that call returns. True if sent.
     """
-    slot = _running.get(topic)
-    if slot is None:
-        return False
-    with slot.lock:
-        if not slot.in_user_code or slot.exception_sent:
-            return False
-        slot.exception_sent = True
-        _raise_in_thread(slot.ident, JobKilled)
-    return True
+    switch = _running.get(topic)
+    return switch.pull() if switch is not None else False
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -273,8 +251,8 @@ def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str
     worker = get_worker()
     _install_capture()
     sink = _EventSink(worker, topic)
-    slot = _Slot()
-    _running[topic] = slot
+    switch = KillSwitch()
+    _running[topic] = switch
     sink.event({"started": worker.address, "thread": threading.current_thread().name})
     token = _sink.set(sink)
     status, value, exc_bytes = "done", None, None
@@ -285,15 +263,8 @@ def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str
         namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         for name, data in names.items():
             namespace[name] = cloudpickle.loads(data)
-        with slot.lock:
-            slot.in_user_code = True
-        try:
+        with switch.armed():
             value = cell.run(namespace)
-        finally:
-            with slot.lock:
-                slot.in_user_code = False
-                if slot.exception_sent:
-                    _raise_in_thread(slot.ident, None)
     except JobKilled:
         status = "killed"
     except BaseException as exc:  # noqa: BLE001 - the cell's failure goes back to its notebook

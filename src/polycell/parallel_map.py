@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from polycell.job import Job, JobError, JobKilled, Runner, current_job
 from polycell.journal import Record, stream_record
+from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
 __all__ = ["MAP_BACKENDS", "MapItemError", "MapRunner", "MapSpec", "default_chunksize", "make_spec"]
 
@@ -295,33 +296,35 @@ def _format_item_error(index: int, exc: BaseException) -> MapItemError:
 
 
 class _ThreadBackend(_Backend):
-    """Threads of the kernel take chunks from a shared queue; output routes via `current_job`."""
+    """Threads of the kernel take chunks from a shared queue; output routes via `current_job`.
+
+    Each worker is killable the way a thread job is (`polycell.thread.KillSwitch`).
+    """
 
     def __init__(self, job: Job, spec: MapSpec) -> None:
         super().__init__(job, spec)
-        from polycell.thread import _install_sleep_patch
-
-        # Reuse thread mode's kill machinery: async exception + interruptible sleep.
-        _install_sleep_patch()
+        install_interruptible_sleep()
         self._todo: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         for chunk in spec.chunks:
             self._todo.put(chunk)
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._slots: list[Any] = []
-        self._slots_lock = threading.Lock()
+        self._workers: list[tuple[threading.Thread, KillSwitch]] = []
+        self._workers_lock = threading.Lock()
 
     def run(self) -> Iterator[tuple[int, list[Any]]]:
         import contextvars
 
-        from polycell.thread import _ThreadSlot
-
         for n in range(min(self.spec.workers, len(self.spec.chunks))):
             context = contextvars.copy_context()
+            switch = KillSwitch()
             thread = threading.Thread(
-                target=context.run, args=(self._work,), name=f"polycell-map-{self.job.id}-{n}", daemon=True
+                target=context.run,
+                args=(self._work, switch),
+                name=f"polycell-map-{self.job.id}-{n}",
+                daemon=True,
             )
-            with self._slots_lock:
-                self._slots.append(_ThreadSlot(thread))
+            with self._workers_lock:
+                self._workers.append((thread, switch))
             thread.start()
         remaining = len(self.spec.chunks)
         while remaining:
@@ -333,67 +336,45 @@ class _ThreadBackend(_Backend):
             remaining -= 1
             yield item
 
-    def _work(self) -> None:
-        from polycell.thread import _kill_events, _raise_in_thread
-
-        ident = threading.get_ident()
-        with self._slots_lock:
-            slot = next(s for s in self._slots if s.thread is threading.current_thread())
-        _kill_events[ident] = slot.kill_event
+    def _work(self, switch: KillSwitch) -> None:
         func, items = self.spec.func, self.spec.items
-        try:
-            while not self.stopped.is_set():
-                try:
-                    start, stop = self._todo.get_nowait()
-                except queue.Empty:
-                    return
-                results = []
-                index = start
-                try:
-                    with slot.lock:
-                        if self.stopped.is_set():
-                            return
-                        slot.in_user_code = True
-                    try:
-                        for index in range(start, stop):
-                            results.append(func(items[index]))
-                    finally:
-                        with slot.lock:
-                            slot.in_user_code = False
-                            if slot.exception_sent:
-                                _raise_in_thread(ident, None)
-                except JobKilled:
-                    return
-                except BaseException as exc:  # noqa: BLE001 - reported as the map's failure
-                    if not self.stopped.is_set():
-                        self._done.put(_format_item_error(index, exc))
-                    return
-                self._done.put((start, results))
-        finally:
-            _kill_events.pop(ident, None)
+        while not self.stopped.is_set():
+            try:
+                start, stop = self._todo.get_nowait()
+            except queue.Empty:
+                return
+            results = []
+            index = start
+            try:
+                with switch.armed():
+                    for index in range(start, stop):
+                        results.append(func(items[index]))
+            except JobKilled:
+                return
+            except BaseException as exc:  # noqa: BLE001 - reported as the map's failure
+                if not self.stopped.is_set():
+                    self._done.put(_format_item_error(index, exc))
+                return
+            self._done.put((start, results))
+
+    def _pull_all(self) -> list[tuple[threading.Thread, KillSwitch]]:
+        with self._workers_lock:
+            workers = list(self._workers)
+        for thread, switch in workers:
+            if thread is not threading.current_thread():
+                switch.pull()
+        return workers
 
     def stop(self) -> None:
-        from polycell.thread import ThreadRunner
-
         super().stop()
-        with self._slots_lock:
-            slots = list(self._slots)
-        for slot in slots:
-            ThreadRunner._stop(slot)
+        self._pull_all()
         self._done.put(None)
 
     def close(self) -> None:
-        from polycell.thread import ThreadRunner, _remove_sleep_patch
-
         self.stopped.set()
-        with self._slots_lock:
-            slots = list(self._slots)
-        for slot in slots:
-            if slot.thread is not threading.current_thread():
-                ThreadRunner._stop(slot)
-        for slot in slots:
-            slot.thread.join(2.0)
-        _remove_sleep_patch()
+        for thread, _switch in self._pull_all():
+            thread.join(2.0)
+        remove_interruptible_sleep()
 
 
 # -- process workers ----------------------------------------------------------------------------
