@@ -224,5 +224,5 @@ def test_gil_switch_interval_is_short_only_while_thread_jobs_run(table):
     job2 = table.submit("thread", body)
     gate.set()
     assert job.wait(10) and job2.wait(10)
-    assert inside == [BUSY_SWITCH_INTERVAL, BUSY_SWITCH_INTERVAL]
+    assert inside == pytest.approx([BUSY_SWITCH_INTERVAL, BUSY_SWITCH_INTERVAL])
     assert sys.getswitchinterval() == before
