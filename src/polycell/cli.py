@@ -324,7 +324,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
-    parser = _Parser(prog="polycell", description="See and steer the background jobs of a running kernel.")
+    parser = _Parser(
+        prog="polycell",
+        description="See and steer the background jobs of a running kernel.",
+        epilog="polycell install|uninstall [--help] manage the 'polycell' kernelspec.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, *, job: str | None = None, kernel: bool = True) -> _Parser:
@@ -376,7 +380,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``polycell`` console script."""
+    """The ``polycell`` console script, and ``python -m polycell``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("install", "uninstall"):
+        from polycell import kernelspec
+
+        return kernelspec.main(argv)
     args = _parser().parse_args(argv)
     try:
         return run(args)

@@ -144,6 +144,9 @@ class Job:
         return end - self.started_at
 
     def last_line(self) -> str:
+        """The last line of output; for a failed job, the error that failed it."""
+        if self._state is JobState.FAILED and self._exception is not None:
+            return f"{type(self._exception).__name__}: {self._exception}"
         for raw in reversed(self.output.split("\n")):
             # A progress bar redraws its line with "\r": only the last drawing counts.
             line = raw.rstrip("\r").rpartition("\r")[2].strip()
