@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
 from typing import Any
 
-from polycell.journal import OutputJournal
+from polycell.journal import OutputJournal, last_line
 
 __all__ = [
     "Job",
@@ -147,12 +147,7 @@ class Job:
         """The last line of output; for a failed job, the error that failed it."""
         if self._state is JobState.FAILED and self._exception is not None:
             return f"{type(self._exception).__name__}: {self._exception}"
-        for raw in reversed(self.output.split("\n")):
-            # A progress bar redraws its line with "\r": only the last drawing counts.
-            line = raw.rstrip("\r").rpartition("\r")[2].strip()
-            if line:
-                return line
-        return ""
+        return last_line(self.journal.tail_text())
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has ended; True if it did, False on timeout."""
