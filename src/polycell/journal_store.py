@@ -368,7 +368,13 @@ class StoredJob:
     def row(self) -> dict[str, Any]:
         """The job as a table row, shaped like a live job's so both tables look the same."""
         return make_row(
-            self.id, self.name, self.mode, self.status, self.elapsed, self.last_output, {"run": self.run}
+            job_id=self.id,
+            name=self.name,
+            mode=self.mode,
+            status=self.status,
+            elapsed=self.elapsed,
+            last_output=self.last_output,
+            info={"run": self.run},
         )
 
 
