@@ -344,7 +344,7 @@ class DaskRunner(Runner):
         if client is not None:
             try:
                 client.unsubscribe_topic(task.topic)
-            except (ValueError, RuntimeError):  # already unsubscribed, or client closing
+            except Exception:  # noqa: BLE001 - already unsubscribed, or the client closed
                 pass
 
     def _stop_unstarted(self, client: Any, task: _Task) -> None:
@@ -388,7 +388,7 @@ class DaskRunner(Runner):
                     self._end(task)
                     job._set_killed()
                     return
-                worker = task.worker = running_on[0]
+                worker = task.worker = job.info["worker"] = running_on[0]
             else:
                 client.run(interrupt_cell, task.topic, workers=[worker])
         except Exception as exc:  # noqa: BLE001 - the worker may be gone; the note below still holds
