@@ -21,7 +21,9 @@ done-callback on one process-wide thread, which must never wait.
 
 Kill cancels the task. Dask cannot stop a task that already runs, so the
 runner also raises `JobKilled` in the task's thread on the worker (the same
-async-exception trick as thread mode); a cell blocked in C code (a
+async-exception trick as thread mode). When no "started" event has arrived,
+the task may still have started, so every worker is asked: the one running
+it stops it, the others remember never to start it. A cell blocked in C code (a
 ``time.sleep``, a socket) ignores it until the call returns, and the job then
 says so in its cell and reports ``kill requested, still blocked``.
 """
