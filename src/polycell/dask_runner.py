@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polycell.cell import CompiledCell
-from polycell.job import Job, JobError, JobKilled, Runner
+from polycell.job import Job, JobError, JobKilled, Runner, one_line
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskCell", "DaskRunner", "require_distributed"]
 
@@ -67,12 +67,6 @@ class DaskCell:
     names: dict[str, bytes]
     #: Called in the kernel with (value, assigned names) when the cell succeeded.
     finish: Callable[[Any, dict[str, Any]], None] | None = None
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: message`` on one line (the same helper as process.py's, until one is shared)."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -150,7 +144,7 @@ class DaskRunner(Runner):
                 self._client = Client(address, timeout=timeout, set_as_default=False)
             except (OSError, TimeoutError, ValueError) as exc:
                 raise JobError(
-                    f"dask: cannot reach the scheduler at {address} within {timeout:g} s ({_one_line(exc)})"
+                    f"dask: cannot reach the scheduler at {address} within {timeout:g} s ({one_line(exc)})"
                 ) from None
         self._owns_client = True
         return self._client
@@ -181,7 +175,7 @@ class DaskRunner(Runner):
             except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's to see
                 raise JobError(
                     f"%%bg --mode dask: cannot send {name!r} ({type(namespace[name]).__name__}) to the "
-                    f"cluster: it cannot be pickled ({_one_line(exc)})"
+                    f"cluster: it cannot be pickled ({one_line(exc)})"
                 ) from None
         return DaskCell(cloudpickle.dumps(cell), names)
 
@@ -204,7 +198,7 @@ class DaskRunner(Runner):
             )
         except Exception as exc:  # noqa: BLE001 - a closed client, a scheduler gone
             self._end(task)
-            error = JobError(f"dask: the cell could not be submitted: {_one_line(exc)}")
+            error = JobError(f"dask: the cell could not be submitted: {one_line(exc)}")
             job.journal.write("stderr", f"[job {job.id}: {error}]\n")
             job._set_exception(error)
             return job
@@ -257,7 +251,7 @@ class DaskRunner(Runner):
             if job.kill_requested:
                 job._set_killed()
                 return
-            job.journal.write("stderr", f"dask: the task failed: {_one_line(exc)}\n")
+            job.journal.write("stderr", f"dask: the task failed: {one_line(exc)}\n")
             job._set_exception(exc)
             return
         with task.lock:
@@ -357,7 +351,7 @@ class DaskRunner(Runner):
             client.cancel([task.future], force=True)
             client.run(interrupt_cell, task.topic)
         except Exception as exc:  # noqa: BLE001 - the cluster may be gone: then nothing runs anyway
-            task.job.journal.write("stderr", f"[job {task.job.id}: dask: {_one_line(exc)}]\n")
+            task.job.journal.write("stderr", f"[job {task.job.id}: dask: {one_line(exc)}]\n")
 
     def kill(self, job: Job) -> None:
         from polycell.dask_worker import interrupt_cell
@@ -396,7 +390,7 @@ class DaskRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - the worker may be gone; the note below still holds
             where = worker or "the cluster"
             job.journal.write(
-                "stderr", f"[job {job.id}: could not reach {where} to stop it: {_one_line(exc)}]\n"
+                "stderr", f"[job {job.id}: could not reach {where} to stop it: {one_line(exc)}]\n"
             )
             if worker is None:
                 self._end(task)

@@ -28,6 +28,7 @@ __all__ = [
     "KillOutcome",
     "Runner",
     "current_job",
+    "one_line",
 ]
 
 
@@ -51,6 +52,12 @@ class JobState(str, enum.Enum):
 
 class JobError(Exception):
     """A user-facing error about jobs: its message is meant to be shown as one line."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, cut to `limit` characters: how polycell reports a cause."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class JobKilled(BaseException):
