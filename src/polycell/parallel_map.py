@@ -7,17 +7,21 @@ round trips, not 100,000. Three backends do the work:
 
 * ``process``: workers forked from the kernel, so ``func`` and the items are
   inherited copy-on-write and never pickled on the way in (a ``func`` defined
-  in the notebook needs no importable module); only results travel back, over a
-  pipe that also carries whatever the workers print. Each worker leads its own
-  process group, so a kernel interrupt (sent to the kernel's group) never
-  reaches it, and a kill takes the worker and its children down with SIGKILL.
+  in the notebook needs no importable module); only results travel back. Each
+  worker is made exactly like a process job (`polycell.process.Forker`): its
+  own process group (a kernel interrupt never reaches it, a kill takes it and
+  its children down with SIGKILL), the parent-death signal, fds 1 and 2 piped
+  to the map's cell, ``input()`` failing in one line. A worker's death is seen
+  by its pidfd, so a grandchild holding its pipes open cannot hang the map.
 * ``thread``: threads of the kernel, for I/O-bound work; kill as in thread mode.
 * ``dask``: chunks become tasks on the `DaskRunner`'s cluster.
 
 The progress bar is tqdm's console bar written to the job's stderr stream, so
 it is journaled and replayed like any output; front ends draw ``\\r`` updates
 in place. The first item that raises fails the whole map with
-`MapItemError` ("item 17 failed: ValueError: ...") and stops the other workers.
+`MapItemError` ("item 17 failed: ValueError: ...", its traceback starting at
+``func``) and stops the other workers; a failure that is no item's (a worker
+killed from outside) is one line (`MapWorkerDied`).
 """
 
 from __future__ import annotations

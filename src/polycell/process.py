@@ -24,9 +24,15 @@ The child is the job:
 Fork safety: the kernel has threads (iopub, heartbeat, control...) whose locks
 may be held at the instant of the fork. The child touches none of that
 machinery: it gets fresh streams and a fresh pipe, never logs, and always
-leaves through ``os._exit``. Every fork is made by one long-lived thread of the
-runner because Linux sends the parent-death signal when the *thread* that
-forked the child ends, not the process.
+leaves through ``os._exit``; ``input()``/``getpass()`` fail at once in one
+line (they would ask over the kernel's stdin socket) and starting a job there
+is a one-line `JobError` (its copy of the job table has no output threads).
+Every fork of the process, process jobs and ``jobs.map`` workers alike, is
+made by one long-lived thread (`Forker`), with the same child setup, because
+Linux sends the parent-death signal when the *thread* that forked the child
+ends, not the process. `ForkedChild` is the parent's side: it reads the pipes
+(a frame the kernel cannot unpickle becomes a one-line note, never a lost job)
+and signals the child's group only until the one thread that reaps it has.
 """
 
 from __future__ import annotations
