@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
+import psutil
 import pytest
 
 from kernel_session import KernelSession
@@ -81,7 +86,11 @@ def test_a_failing_item_fails_the_map_with_its_index_and_stops_the_rest(kernel, 
     assert len(errors) == 1
     assert errors[0]["content"]["evalue"] == "item 17 failed: ValueError: no seventeen"
     assert errors[0]["metadata"]["polycell"]["job"] == job
-    assert any("raise ValueError('no seventeen')" in line for line in errors[0]["content"]["traceback"])
+    tb = errors[0]["content"]["traceback"]
+    assert any("raise ValueError('no seventeen')" in line for line in tb)
+    # The traceback starts at the user's function: none of polycell's frames above it.
+    assert tb[0].startswith("Traceback") and ", in work" in tb[1]
+    assert not any("polycell" in line for line in tb)
     assert kernel.eval("(j.status.value, str(j.exception), type(j.exception.__cause__).__name__)") == (
         "failed",
         "item 17 failed: ValueError: no seventeen",
@@ -192,3 +201,102 @@ def test_display_in_a_process_worker_reaches_the_cell(kernel):
         and "polycell-handle" not in m["content"]["data"].get("text/html", "")
     )
     assert shown == [f"<i>item {x}</i>" for x in range(3)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_worker_killed_from_outside_fails_the_map_in_one_line_even_if_its_pipes_stay_open(kernel):
+    """Its grandchild holds the worker's pipes open, so no end of file ever comes: the pidfd says it died."""
+    kernel.run(
+        "import os, time\n"
+        "def work(x):\n"
+        "    if x == 3:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(600)\n"
+        "            os._exit(0)\n"
+        "        os.kill(os.getpid(), 9)  # as the out-of-memory killer would\n"
+        "    time.sleep(0.01)\n"
+        "    return x"
+    )
+    msg_id = kernel.execute("j = jobs.map(work, range(8), workers=2, mode='process', chunksize=1)")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job, timeout=60)  # hang guard: before the fix this never ended
+    errors = [m["content"] for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
+    assert len(errors) == 1
+    assert errors[0]["ename"] == "MapWorkerDied"
+    assert errors[0]["evalue"].startswith("map worker ")
+    assert errors[0]["evalue"].endswith(
+        " died: signal 9 (SIGKILL), killed from outside polycell (the out-of-memory killer?)"
+    )
+    assert errors[0]["traceback"] == [f"MapWorkerDied: {errors[0]['evalue']}"]
+    assert kernel.eval("j.status.value") == "failed"
+    # The grandchild went with the worker's process group (the leak check also looks).
+
+
+def test_fd_level_output_of_workers_lands_in_the_map_cell(kernel):
+    kernel.run(
+        "import os, sys\n"
+        "def loud(x):\n"
+        "    os.system(f'echo from-c {x}')\n"
+        "    os.write(sys.stdout.fileno(), f'fd {x}\\n'.encode())\n"
+        "    return x"
+    )
+    msg_id = kernel.execute("j = jobs.map(loud, range(4), workers=2, mode='process', chunksize=1)")
+    job = _map_job(kernel, msg_id)
+    fg = kernel.run("print('foreground')")["parent_header"]["msg_id"]
+    kernel.wait_job_end(job)
+    assert kernel.eval("(j.status.value, j.result)") == ("done", [0, 1, 2, 3])
+    printed = _job_stream(kernel, msg_id, job, "stdout")
+    for x in range(4):
+        assert f"from-c {x}\n" in printed and f"fd {x}\n" in printed
+    assert kernel.text(fg) == "foreground\n"
+    strays = [
+        m
+        for m in kernel.messages
+        if m["msg_type"] == "stream"
+        and ("from-c" in m["content"]["text"] or "fd " in m["content"]["text"])
+        and m["metadata"].get("polycell", {}).get("job") != job
+    ]
+    assert strays == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_map_worker_cannot_start_jobs(kernel, mode):
+    kernel.run("def nest(x):\n    return jobs.map(abs, [x], mode='thread')")
+    msg_id = kernel.execute(f"j = jobs.map(nest, [1], mode={mode!r})")
+    job = _map_job(kernel, msg_id)
+    kernel.wait_job_end(job)
+    if mode == "process":
+        assert kernel.eval("str(j.exception)") == (
+            "item 0 failed: JobError: a map worker cannot start jobs of its own; start them from the notebook"
+        )
+    else:  # a thread worker is the kernel itself: it may
+        assert kernel.eval("j.status.value") == "done"
+
+
+def test_map_workers_die_with_a_sigkilled_kernel():
+    kernel = KernelSession()
+    pids: list[int] = []
+    try:
+        kernel.run(
+            "import os, time\ndef nap(x):\n    print('pid', os.getpid(), flush=True)\n    time.sleep(600)"
+        )
+        msg_id = kernel.execute("j = jobs.map(nap, range(2), workers=2, mode='process', chunksize=1)")
+        job = _map_job(kernel, msg_id)
+        kernel.wait_for(lambda m: _job_stream(kernel, msg_id, job, "stdout").count("pid") == 2)
+        pids = [int(line.split()[1]) for line in _job_stream(kernel, msg_id, job, "stdout").splitlines()]
+        kernel.km.shutdown_kernel(now=True)  # SIGKILL: no atexit, no shutdown of the runners
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a map worker outlived its kernel"
+            time.sleep(0.02)
+    finally:
+        kernel.close()
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

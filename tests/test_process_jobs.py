@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import time
 
 import psutil
@@ -298,3 +299,85 @@ def test_process_jobs_die_with_the_kernel(now):
         # A kernel killed with SIGKILL cannot end what its jobs started (a documented limit).
         if grandchild is not None and not _gone(grandchild):
             os.kill(grandchild, signal.SIGKILL)
+
+
+KERNELS = {
+    "stock kernel + extension": {},
+    "polycell kernel": {
+        "argv": [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"],
+        "load_ext": False,
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(KERNELS))
+def test_input_and_getpass_fail_in_one_line_in_process_jobs_and_map_workers(kind):
+    """Neither may reach the kernel's stdin socket (not fork-safe) nor wait for its threads."""
+    kernel = KernelSession(**KERNELS[kind])
+    try:
+        kernel.run(
+            "import getpass\n"
+            "def ask(x):\n"
+            "    try:\n"
+            "        (input if x == 0 else getpass.getpass)('? ')\n"
+            "    except EOFError as exc:\n"
+            "        return str(exc)"
+        )
+        bg, job = _start(kernel, "print(ask(0))\nprint(ask(1))")
+        kernel.wait_job_end(job)
+        assert kernel.text(bg, "stdout").splitlines()[:2] == [
+            "input() is not available in a process job: it has no front end to ask",
+            "getpass() is not available in a process job: it has no front end to ask",
+        ]
+        msg_id = kernel.execute("j = jobs.map(ask, [0, 1], workers=2, mode='process', chunksize=1)")
+        map_job = _job_id(kernel, msg_id)
+        kernel.wait_job_end(map_job)
+        assert kernel.eval("j.result") == [
+            "input() is not available in a map worker: it has no front end to ask",
+            "getpass() is not available in a map worker: it has no front end to ask",
+        ]
+        assert not kernel.kc.stdin_channel.msg_ready()  # nobody asked the front end
+        assert kernel.eval("1 + 1") == 2
+    finally:
+        kernel.close()
+
+
+def test_a_process_job_cannot_start_jobs_of_its_own(kernel):
+    bg, job = _start(
+        kernel,
+        "from polycell import jobs\n"
+        "starts = [\n"
+        "    lambda: jobs.map(abs, [1]),\n"
+        "    lambda: jobs.map(abs, [1], mode='thread'),\n"
+        "    lambda: get_ipython().run_line_magic('bg', 'print(1)'),\n"
+        "    lambda: get_ipython().run_line_magic('bg', '--mode process print(1)'),\n"
+        "]\n"
+        "for start in starts:\n"
+        "    try:\n"
+        "        start()\n"
+        "    except Exception as exc:\n"
+        "        print(type(exc).__name__, exc)",
+    )
+    kernel.wait_job_end(job)
+    refused = "a process job cannot start jobs of its own; start them from the notebook"
+    lines = kernel.text(bg, "stdout").splitlines()
+    assert lines[:4] == [f"JobError {refused}"] * 2 + [f"UsageError {refused}"] * 2
+    assert kernel.eval("len(jobs)") == 1
+
+
+def test_a_record_the_kernel_cannot_load_does_not_kill_the_job(kernel):
+    """Display metadata holding an instance of a class the cell defines: the kernel has no such class yet."""
+    bg, job = _start(
+        kernel,
+        "from IPython.display import display\n"
+        "class Thing:\n    pass\n"
+        "display({'text/plain': 'shown'}, raw=True, metadata={'thing': Thing()})\n"
+        "print('after', flush=True)\n"
+        "'end'",
+    )
+    kernel.wait_job_end(job)
+    assert kernel.eval(f"(jobs[{job}].status.value, jobs[{job}].result)") == ("done", "end")
+    stderr = kernel.text(bg, "stderr")
+    assert f"[job {job}: an output record could not be read here (AttributeError: " in stderr
+    assert stderr.count("\n") == 1
+    assert "after\n" in kernel.text(bg, "stdout")

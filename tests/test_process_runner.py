@@ -176,12 +176,83 @@ def test_values_over_the_size_limit_are_skipped(runner):
     assert namespace == {"small": 1}
 
 
-def test_a_process_job_cannot_start_process_jobs(runner):
+def test_a_process_job_cannot_start_jobs_of_any_kind(runner):
+    """Its copies of the job table and of the kernel's output threads cannot run jobs."""
+    from polycell import jobs
+
+    refused = "a process job cannot start jobs of its own; start them from the notebook"
     job = runner.submit(Job(11, mode="process"), lambda: runner.submit(Job(12, mode="process"), lambda: 1))
     assert job.wait(30) and job.status is JobState.FAILED
-    assert str(job.exception) == (
-        "a process job cannot start process jobs of its own; start them from the notebook"
+    assert str(job.exception) == refused
+
+    def start_others():
+        said = []
+        for start in (
+            lambda: jobs.map(abs, [1], mode="process"),
+            lambda: jobs.map(abs, [1], mode="thread"),
+            lambda: jobs.submit("thread", lambda: 1),
+            lambda: jobs.new_job("task"),
+        ):
+            try:
+                start()
+            except JobError as exc:
+                said.append(str(exc))
+        return said
+
+    job = runner.submit(Job(13, mode="process"), start_others)
+    assert job.wait(30) and job.status is JobState.DONE, job.output
+    assert job.result == [refused] * 4
+    assert len(jobs) == 0  # and nothing leaked into the parent's table
+
+
+class _Unloadable:
+    """Pickles fine in the child; cannot be unpickled (like a class defined in the job's cell)."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load():
+    raise AttributeError("Can't get attribute 'Thing' on <module '__main__'>")
+
+
+def test_a_record_the_parent_cannot_load_is_one_line_and_the_job_goes_on(runner):
+    def body():
+        job = current_job.get()
+        print("before", flush=True)
+        job.journal.append(
+            {"msg_type": "display_data", "content": {"data": {}, "metadata": {"x": _Unloadable()}}}
+        )
+        print("after", flush=True)
+        return "finished"
+
+    job = runner.submit(Job(14, mode="process"), body)
+    assert job.wait(30)
+    assert (job.status, job.result) == (JobState.DONE, "finished")
+    assert job.output == (
+        "before\n[job 14: an output record could not be read here "
+        "(AttributeError: Can't get attribute 'Thing' on <module '__main__'>)]\nafter\n"
     )
+
+
+def test_input_and_getpass_fail_at_once_in_the_child(runner):
+    def body():
+        import getpass
+
+        said = []
+        for ask in (input, getpass.getpass):
+            try:
+                ask("? ")
+            except EOFError as exc:
+                said.append(str(exc))
+        return said
+
+    job = runner.submit(Job(15, mode="process"), body)
+    assert job.wait(30) and job.status is JobState.DONE
+    assert job.result == [
+        "input() is not available in a process job: it has no front end to ask",
+        "getpass() is not available in a process job: it has no front end to ask",
+    ]
 
 
 def test_no_fork_is_a_one_line_error(monkeypatch):

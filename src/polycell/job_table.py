@@ -54,6 +54,9 @@ class JobTable:
         #: caller's context; the IPython layer uses it to show the job in the
         #: calling cell.
         self.on_new_job: Callable[[Job], None] | None = None
+        #: Set in a forked child (a process job, a map worker), whose copy of this
+        #: table and of the threads behind it cannot run jobs: why none may start.
+        self.refusal: str | None = None
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -87,6 +90,8 @@ class JobTable:
 
     def runner(self, mode: str, backend: str | None = None) -> Runner:
         """The runner for `mode` (and, for task mode, the event loop `backend`), made on first use."""
+        if self.refusal is not None:
+            raise JobError(self.refusal)
         if backend == "asyncio":
             backend = None
         with self._lock:
@@ -112,6 +117,8 @@ class JobTable:
         """Register a pending job; the caller hands it to `runner(mode).submit`."""
         if mode not in MODES and mode not in ENGINES:
             raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if self.refusal is not None:
+            raise JobError(self.refusal)
         with self._lock:
             job_id = next(self._ids)
             job = Job(

@@ -7,30 +7,33 @@ round trips, not 100,000. Three backends do the work:
 
 * ``process``: workers forked from the kernel, so ``func`` and the items are
   inherited copy-on-write and never pickled on the way in (a ``func`` defined
-  in the notebook needs no importable module); only results travel back, over a
-  pipe that also carries whatever the workers print. Each worker leads its own
-  process group, so a kernel interrupt (sent to the kernel's group) never
-  reaches it, and a kill takes the worker and its children down with SIGKILL.
+  in the notebook needs no importable module); only results travel back. Each
+  worker is made exactly like a process job (`polycell.process.Forker`): its
+  own process group (a kernel interrupt never reaches it, a kill takes it and
+  its children down with SIGKILL), the parent-death signal, fds 1 and 2 piped
+  to the map's cell, ``input()`` failing in one line. A worker's death is seen
+  by its pidfd, so a grandchild holding its pipes open cannot hang the map.
 * ``thread``: threads of the kernel, for I/O-bound work; kill as in thread mode.
 * ``dask``: chunks become tasks on the `DaskRunner`'s cluster.
 
 The progress bar is tqdm's console bar written to the job's stderr stream, so
 it is journaled and replayed like any output; front ends draw ``\\r`` updates
 in place. The first item that raises fails the whole map with
-`MapItemError` ("item 17 failed: ValueError: ...") and stops the other workers.
+`MapItemError` ("item 17 failed: ValueError: ...", its traceback starting at
+``func``) and stops the other workers; a failure that is no item's (a worker
+killed from outside) is one line (`MapWorkerDied`).
 """
 
 from __future__ import annotations
 
-import gc
+import contextvars
+import functools
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
 import pickle
 import queue
+import selectors
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -40,21 +43,37 @@ from typing import Any
 
 from tqdm import tqdm
 
+from polycell import process
 from polycell.job import Job, JobError, JobKilled, Runner, current_job
-from polycell.journal import Record, stream_record
+from polycell.journal import Record
+from polycell.process import (
+    ForkedChild,
+    Forker,
+    acquire_forker,
+    describe_status,
+    receive_frame,
+    release_forker,
+)
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
-__all__ = ["MAP_BACKENDS", "MapItemError", "MapRunner", "MapSpec", "default_chunksize", "make_spec"]
+__all__ = [
+    "MAP_BACKENDS",
+    "MapItemError",
+    "MapRunner",
+    "MapSpec",
+    "MapWorkerDied",
+    "default_chunksize",
+    "make_spec",
+]
 
 MAP_BACKENDS = ("process", "thread", "dask")
 #: Chunks per worker the default chunk size aims for: enough for load balancing
 #: and a moving progress bar, few enough that per-chunk overhead stays invisible.
 CHUNKS_PER_WORKER = 16
-#: Worker output is sent to the kernel when this much is buffered, or this old.
-_OUT_FLUSH_CHARS = 16_384
-_OUT_FLUSH_SECONDS = 0.1
 #: Chunks a process worker holds at once: the one it runs and the next.
 _CHUNKS_AHEAD = 2
+#: How long workers told to stop may take to exit (and send their last output) before a kill.
+_EXIT_SECONDS = 5.0
 
 
 class MapItemError(Exception):
@@ -186,6 +205,7 @@ class MapRunner(Runner):
         self._lock = threading.Lock()
 
     def submit(self, job: Job, body: MapSpec) -> Job:
+        process.check_not_in_child()
         context = self._prepare(job)
         backend = _BACKENDS[body.backend](job, body)
         job.info["workers"] = f"{body.workers} {body.backend}"
@@ -252,10 +272,15 @@ class MapRunner(Runner):
 
 
 def _error_record(exc: BaseException) -> Record:
+    """The map's failure in its cell: the item's traceback from the user's function down, or one line.
+
+    A failure that is not an item's (a worker died, results that cannot be
+    loaded) is polycell's to explain, and its frames would only hide the cause.
+    """
     if isinstance(exc, MapItemError):
         lines = [*exc.traceback_text.splitlines(), str(exc)] if exc.traceback_text else [str(exc)]
     else:
-        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        lines = [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]
     return {
         "msg_type": "error",
         "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": lines},
@@ -288,9 +313,21 @@ class _Backend:
         pass
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The item's traceback starting at the user's function: polycell's frames above it are noise."""
+    tb = exc.__traceback__
+    while tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _PACKAGE_DIR:
+        tb = tb.tb_next
+    if tb is None:
+        return ""  # nothing of the user's ran (or no traceback at all): the one-line message says it
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def _format_item_error(index: int, exc: BaseException) -> MapItemError:
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    error = MapItemError(index, type(exc).__name__, str(exc), "".join(tb))
+    error = MapItemError(index, type(exc).__name__, str(exc), _user_traceback(exc))
     error.__cause__ = exc
     return error
 
@@ -380,77 +417,6 @@ class _ThreadBackend(_Backend):
 # -- process workers ----------------------------------------------------------------------------
 
 
-class _PipeOutput:
-    """In a forked worker: the job's journal and ``sys.stdout``/``sys.stderr``, sent to the kernel.
-
-    Stream text is buffered and sent in pieces (by size, by age, and at the end
-    of each chunk), so a worker printing in a tight loop does not make one
-    pipe message per ``print``.
-    """
-
-    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
-        self._name = ""
-        self._parts: list[str] = []
-        self._size = 0
-        self._since = time.monotonic()
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        with self.lock:
-            self._flush_locked()
-            self.conn.send(message)
-
-    def write(self, name: str, text: str) -> None:
-        if not text:
-            return
-        with self.lock:
-            if name != self._name:
-                self._flush_locked()
-                self._name = name
-            self._parts.append(text)
-            self._size += len(text)
-            if self._size >= _OUT_FLUSH_CHARS or time.monotonic() - self._since >= _OUT_FLUSH_SECONDS:
-                self._flush_locked()
-
-    def append(self, record: Record) -> None:
-        self.send(("record", record))
-
-    def flush(self) -> None:
-        if self._parts:
-            with self.lock:
-                self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if self._parts:
-            self.conn.send(("record", stream_record(self._name, "".join(self._parts))))
-            self._parts, self._size = [], 0
-        self._since = time.monotonic()
-
-
-class _PipeStream:
-    """``sys.stdout`` or ``sys.stderr`` of a forked worker."""
-
-    def __init__(self, out: _PipeOutput, name: str) -> None:
-        self._out = out
-        self.name = name
-        self.encoding = "utf-8"
-
-    def write(self, text: str) -> int:
-        self._out.write(self.name, text)
-        return len(text)
-
-    def writelines(self, lines: Iterable[str]) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        self._out.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
 def _dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -460,32 +426,24 @@ def _dumps(value: Any) -> bytes:
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _process_worker(
-    conn: multiprocessing.connection.Connection, func: Callable[[Any], Any], items: list[Any]
+def _worker_main(
+    context: contextvars.Context, func: Callable[[Any], Any], items: list[Any], pipe: Any, tasks: int | None
 ) -> None:
-    """The body of a forked worker: run the chunks the kernel sends, until told to stop."""
-    try:
-        os.setpgid(0, 0)
-    except OSError:  # pragma: no cover - the parent already did it
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    out = _PipeOutput(conn)
-    # Text printed just before a long call must not wait for the next print.
-    threading.Thread(target=_flush_every, args=(out, _OUT_FLUSH_SECONDS), daemon=True).start()
-    sys.stdout = _PipeStream(out, "stdout")  # type: ignore[assignment]
-    sys.stderr = _PipeStream(out, "stderr")  # type: ignore[assignment]
+    """The body of a forked worker (set up by `polycell.process.Forker`): run the chunks it is sent."""
+    assert tasks is not None
+    context.run(_worker_loop, func, items, pipe, tasks)
+
+
+def _worker_loop(func: Callable[[Any], Any], items: list[Any], pipe: Any, tasks: int) -> None:
     job = current_job.get()
     if job is not None:
         # The fork copied the kernel's routing: `print` and `display` in this
         # context write to the job's journal, so this copy of it forwards.
-        job.journal = out  # type: ignore[assignment]
+        job.journal = pipe
     while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            out.flush()
+        task = receive_frame(tasks)
+        if task is None:  # told to stop, or the kernel is gone
+            pipe.close()
             return
         start, stop = task
         results = []
@@ -498,21 +456,15 @@ def _process_worker(
             if len(results) == stop - start:  # every item ran: the results would not pickle
                 index = _first_unpicklable(results, start)
                 exc = TypeError(f"its result cannot be sent back to the kernel: {exc}")
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                exc.__traceback__ = None
             try:
                 exc_bytes = _dumps(exc)
             except Exception:  # noqa: BLE001
                 exc_bytes = b""
-            out.send(("error", index, type(exc).__name__, str(exc), tb, exc_bytes))
+            pipe.send(("error", index, type(exc).__name__, str(exc), _user_traceback(exc), exc_bytes))
+            pipe.close()
             return
-        out.send(("done", start, payload))
-
-
-def _flush_every(out: _PipeOutput, seconds: float) -> None:
-    tick = threading.Event()
-    while True:
-        tick.wait(seconds)
-        out.flush()
+        pipe.send(("done", start, payload))
 
 
 def _first_unpicklable(results: list[Any], start: int) -> int:
@@ -524,126 +476,186 @@ def _first_unpicklable(results: list[Any], start: int) -> int:
     return start
 
 
+class MapWorkerDied(JobError):
+    """A process worker of a map ended before finishing its chunks (a signal, an exit)."""
+
+
+class _Worker:
+    """The coordinator's view of one forked worker."""
+
+    def __init__(self, number: int, child: ForkedChild) -> None:
+        self.number = number
+        self.child = child
+        self.outstanding = 0
+        #: Sent the stop message: its exit is expected.
+        self.released = False
+        self.pidfd = child.open_pidfd()
+        self.done = False
+
+    def send(self, task: tuple[int, int] | None) -> None:
+        if task is None:
+            self.released = True
+        else:
+            self.outstanding += 1
+        self.child.send(task)
+
+
 class _ProcessBackend(_Backend):
-    """Forked workers, fed ranges of indices over pipes, one pipe per worker."""
+    """Forked workers (made like process jobs, by `polycell.process.Forker`), fed ranges of indices.
+
+    Only the coordinator thread (`run`, then `close`) reads, waits for and reaps
+    the workers; `stop` from another thread only signals their process groups,
+    which is safe until the coordinator reaps them.
+    A worker's end is seen through its pidfd, not only by end of file on its
+    pipes: a grandchild it forked may hold those open for ever.
+    """
 
     def __init__(self, job: Job, spec: MapSpec) -> None:
         super().__init__(job, spec)
-        self._procs: list[Any] = []
-        self._wake_r, self._wake_w = os.pipe()
+        self._workers: list[_Worker] = []
         self._lock = threading.Lock()
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._forker: Forker | None = None
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def _start_worker(self, number: int) -> _Worker:
+        assert self._forker is not None
+        main = functools.partial(_worker_main, contextvars.copy_context(), self.spec.func, self.spec.items)
+        child = self._forker.fork(self.job, main, what="a map worker", tasks=True)
+        worker = _Worker(number, child)
+        with self._lock:
+            self._workers.append(worker)
+            if self.stopped.is_set():  # stop() ran while this one was being forked
+                child.signal_group(signal.SIGKILL)
+        for name in ("stdout", "stderr", "records"):
+            os.set_blocking(child.fds[name], False)
+            self._selector.register(child.fds[name], selectors.EVENT_READ, (worker, name))
+        if worker.pidfd is not None:
+            self._selector.register(worker.pidfd, selectors.EVENT_READ, (worker, "exit"))
+        return worker
 
     def run(self) -> Iterator[tuple[int, list[Any]]]:
-        context = multiprocessing.get_context("fork")
+        self._forker = acquire_forker()
         todo = list(reversed(self.spec.chunks))
-        conns: dict[Any, Any] = {}
-        outstanding: dict[Any, int] = {}
-        for _ in range(min(self.spec.workers, len(todo))):
-            parent_end, child_end = context.Pipe(duplex=True)
-            proc = context.Process(
-                target=_process_worker,
-                args=(child_end, self.spec.func, self.spec.items),
-                name=f"polycell-map-{self.job.id}",
-                daemon=True,
-            )
-            with self._lock:
-                if self.stopped.is_set():
-                    raise JobKilled(f"job {self.job.id} was killed")
-                # Objects that exist at the fork go to the permanent generation in
-                # the child, so its collector never walks (and copies) the
-                # kernel's whole heap; the kernel's own collection is unchanged.
-                gc.freeze()
-                try:
-                    proc.start()
-                finally:
-                    gc.unfreeze()
-                self._procs.append(proc)
-            child_end.close()
-            try:
-                os.setpgid(proc.pid, proc.pid)  # both sides set it: no window where a kill misses
-            except OSError:
-                pass
-            conns[parent_end] = proc
-            parent_end.send(todo.pop())
-            outstanding[parent_end] = 1
+        for number in range(min(self.spec.workers, len(todo))):
+            if self.stopped.is_set():
+                raise JobKilled(f"job {self.job.id} was killed")
+            self._start_worker(number).send(todo.pop())
         # Then one chunk ahead each: a worker starts its next chunk as soon as it
         # sends a result, instead of idling while the kernel wakes up to answer.
         for _ in range(_CHUNKS_AHEAD - 1):
-            for conn in conns:
+            for worker in self._workers:
                 if todo:
-                    conn.send(todo.pop())
-                    outstanding[conn] += 1
-        self.job.info["pids"] = ",".join(str(p.pid) for p in self._procs)
+                    worker.send(todo.pop())
+        self.job.info["pids"] = ",".join(str(w.child.pid) for w in self._workers)
         remaining = len(self.spec.chunks)
-        while remaining:
-            ready = multiprocessing.connection.wait([*conns, self._wake_r])
+        ending_by: float | None = None
+        while remaining or not all(w.done for w in self._workers):
+            if not remaining:
+                # Every chunk is in: the workers were told to stop; take their last
+                # output (fds 1 and 2 may lag behind the last result) as they exit.
+                ending_by = ending_by or time.monotonic() + _EXIT_SECONDS
+                if time.monotonic() > ending_by:
+                    return
+            polling = any(w.pidfd is None and not w.done for w in self._workers)
+            events = self._selector.select(0.05 if polling or ending_by else None)
             if self.stopped.is_set():
                 raise JobKilled(f"job {self.job.id} was killed")
-            for conn in ready:
-                proc = conns[conn]
-                try:
-                    message = conn.recv()
-                except (EOFError, OSError):
-                    proc.join(1.0)
-                    raise RuntimeError(
-                        f"map worker {proc.pid} died (exit code {proc.exitcode}) before finishing its chunk"
-                    ) from None
-                kind = message[0]
-                if kind == "record":
-                    self.job.journal.append(message[1])
-                elif kind == "done":
-                    remaining -= 1
-                    outstanding[conn] -= 1
-                    # Near the end, no chunk ahead: a chunk queued behind a busy
-                    # worker would leave another idle.
-                    if todo and (not outstanding[conn] or len(todo) > len(conns)):
-                        conn.send(todo.pop())
-                        outstanding[conn] += 1
-                    elif not outstanding[conn]:
-                        conn.send(None)  # this worker exits: its pipe's end is not a death
-                        del conns[conn]
-                    yield message[1], pickle.loads(message[2])
-                else:
-                    _, index, type_name, text, tb, exc_bytes = message
-                    error = MapItemError(index, type_name, text, tb)
-                    if exc_bytes:
-                        try:
-                            error.__cause__ = pickle.loads(exc_bytes)
-                        except Exception:  # noqa: BLE001 - the message says it all
-                            pass
-                    raise error
+            exits = [key.data[0] for key, _ in events if key.data is not None and key.data[1] == "exit"]
+            if polling:
+                exits += [w for w in self._workers if w.pidfd is None and not w.done and w.child.exited()]
+            # Pipes first: a worker's last result may be waiting beside its exit.
+            for key, _ in events:
+                if key.data is not None and key.data[1] != "exit":
+                    worker, name = key.data
+                    for start, values in self._take(worker, name, todo):
+                        remaining -= 1
+                        yield start, values
+            for worker in exits:
+                if worker.done:
+                    continue
+                for name in ("records", "stdout", "stderr"):
+                    if worker.child.fds[name] in self._selector.get_map():
+                        for start, values in self._take(worker, name, todo):
+                            remaining -= 1
+                            yield start, values
+                self._ended(worker)
+
+    def _take(self, worker: _Worker, name: str, todo: list[tuple[int, int]]) -> list[tuple[int, list[Any]]]:
+        """What the worker's `name` pipe holds now: output into the journal, chunk results out."""
+        messages, still_open = worker.child.read(name)
+        if not still_open:
+            self._selector.unregister(worker.child.fds[name])
+        finished = []
+        for message in messages:
+            if message[0] == "error":
+                _, index, type_name, text, tb, exc_bytes = message
+                error = MapItemError(index, type_name, text, tb)
+                if exc_bytes:
+                    try:
+                        error.__cause__ = pickle.loads(exc_bytes)
+                    except Exception:  # noqa: BLE001 - the message says it all
+                        pass
+                raise error
+            _, start, payload = message
+            worker.outstanding -= 1
+            # Near the end, no chunk ahead: a chunk queued behind a busy worker
+            # would leave another idle.
+            if todo and (not worker.outstanding or len(todo) > len(self._workers)):
+                worker.send(todo.pop())
+            elif not worker.outstanding:
+                worker.send(None)  # this worker exits: its end is not a death
+            try:
+                values = pickle.loads(payload)
+            except Exception as exc:  # noqa: BLE001 - one line, not polycell's traceback
+                raise JobError(
+                    f"the results of items {start}.. could not be loaded here: {type(exc).__name__}: {exc}"
+                ) from None
+            finished.append((start, values))
+        return finished
+
+    def _ended(self, worker: _Worker) -> None:
+        """The worker exited: end what it left running, reap it; a death unless it was told to stop."""
+        child = worker.child
+        child.signal_group(signal.SIGKILL)
+        status = child.reap()
+        worker.done = True
+        for name in ("stdout", "stderr", "records"):
+            if child.fds[name] in self._selector.get_map():
+                self._selector.unregister(child.fds[name])
+        if worker.pidfd is not None:
+            self._selector.unregister(worker.pidfd)
+        if not worker.released or worker.outstanding:
+            raise MapWorkerDied(f"map worker {worker.number} died: {describe_status(status)}")
 
     def stop(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             super().stop()
-            procs = list(self._procs)
-        self._kill(procs)
-        os.write(self._wake_w, b"x")
-
-    @staticmethod
-    def _kill(procs: list[Any]) -> None:
-        for proc in procs:
-            if proc.pid is None or proc.exitcode is not None:
-                continue
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                proc.kill()
+            for worker in self._workers:
+                worker.child.signal_group(signal.SIGKILL)
+            os.write(self._wake_w, b"x")  # under the lock: close() cannot have closed it
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.stopped.set()
-            procs = list(self._procs)
-        # Finished workers exit on their own after the None; the rest are stopped for good.
-        deadline = time.monotonic() + 1.0
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        self._kill(procs)
-        for proc in procs:
-            proc.join(5.0)
-            proc.close()
+            workers = list(self._workers)
+        for worker in workers:
+            worker.child.signal_group(signal.SIGKILL)
+        for worker in workers:
+            worker.child.reap()
+            worker.child.close()
+            if worker.pidfd is not None:
+                os.close(worker.pidfd)
+        self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._forker is not None:
+            release_forker()
 
 
 class _DaskBackend(_Backend):
