@@ -67,7 +67,7 @@ from typing import Any, NoReturn
 import cloudpickle
 
 from polycell import job_table
-from polycell.job import Job, JobError, Runner
+from polycell.job import Job, JobError, Runner, one_line
 from polycell.journal import Record, stream_record
 
 __all__ = [
@@ -113,11 +113,6 @@ class ProcessDied(JobError):
         super().__init__(message)
         self.signal_number = signal_number
         self.exitcode = exitcode
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _note(job: Job, text: str) -> None:
@@ -216,7 +211,7 @@ class _RecordPipe:
         try:
             data = pickle.dumps(message, protocol=5)
         except Exception as exc:  # noqa: BLE001 - a record that cannot travel becomes a line that can
-            note = f"[polycell: an output record could not be sent: {_one_line(exc)}]\n"
+            note = f"[polycell: an output record could not be sent: {one_line(exc)}]\n"
             data = pickle.dumps(("record", stream_record("stderr", note)), protocol=5)
         _write_all(self._fd, _FRAME_HEADER.pack(len(data)) + data)
         self._last_send = time.monotonic()
@@ -450,7 +445,7 @@ class ForkedChild:
             else:
                 for frame in self._frames.feed(data):
                     if isinstance(frame, _BadFrame):
-                        _note(self.job, f"an output record could not be read here ({_one_line(frame.error)})")
+                        _note(self.job, f"an output record could not be read here ({one_line(frame.error)})")
                     elif frame[0] == "record":
                         self.job.journal.append(frame[1])
                     else:
@@ -697,7 +692,7 @@ class ProcessRunner(Runner):
                 niceness=self.niceness,
             )
         except OSError as exc:
-            message = f"could not start a child process: {_one_line(exc)}"
+            message = f"could not start a child process: {one_line(exc)}"
             job.journal.write("stderr", f"[job {job.id} failed: {message}]\n")
             job._set_exception(JobError(message))
             return job
@@ -729,7 +724,7 @@ class ProcessRunner(Runner):
                 blob: bytes | None = cloudpickle.dumps(exc, protocol=5)
             except Exception:  # noqa: BLE001
                 blob = None
-            return {"ok": False, "exception": blob, "summary": _one_line(exc, 1000)}
+            return {"ok": False, "exception": blob, "summary": one_line(exc, 1000)}
         result = None
         if value is not None:
             result = self._dump(job, pipe, value, "result", f"jobs[{job.id}].result is None")
@@ -751,7 +746,7 @@ class ProcessRunner(Runner):
         try:
             data = cloudpickle.dumps(value, protocol=5)
         except Exception as exc:  # noqa: BLE001 - reported in one line, the rest still arrives
-            pipe.write("stderr", f"[job {job.id}: {what} not sent back ({_one_line(exc)}); {consequence}]\n")
+            pipe.write("stderr", f"[job {job.id}: {what} not sent back ({one_line(exc)}); {consequence}]\n")
             return None
         if len(data) > self.max_value_bytes:
             pipe.write(
@@ -777,7 +772,7 @@ class ProcessRunner(Runner):
             outcome = self._read(child)
         except Exception as exc:  # noqa: BLE001 - reported on the job, never lost
             child.signal_group(signal.SIGKILL)
-            lost = JobError(f"polycell lost track of the job's child: {_one_line(exc)}")
+            lost = JobError(f"polycell lost track of the job's child: {one_line(exc)}")
         finally:
             status = child.reap()
             child.close()
@@ -789,7 +784,7 @@ class ProcessRunner(Runner):
                 raise lost
             self._end(launch, outcome, status)
         except Exception as exc:  # noqa: BLE001
-            _note(job, f"failed: {_one_line(exc)}")
+            _note(job, f"failed: {one_line(exc)}")
             job._set_exception(exc)
 
     def _read(self, child: ForkedChild) -> dict[str, Any] | None:
@@ -875,7 +870,7 @@ class ProcessRunner(Runner):
         try:
             return cloudpickle.loads(data)
         except Exception as exc:  # noqa: BLE001 - one line; the job still ends
-            _note(job, f"{what} could not be loaded here ({_one_line(exc)})")
+            _note(job, f"{what} could not be loaded here ({one_line(exc)})")
             return None
 
     def _merge(self, launch: _Launch, sent: dict[str, tuple[str, Any]]) -> None:
@@ -889,12 +884,12 @@ class ProcessRunner(Runner):
                 try:
                     arrived[name] = importlib.import_module(data)
                 except Exception as exc:  # noqa: BLE001
-                    _note(job, f"{name!r} (module {data}) not re-imported ({_one_line(exc)})")
+                    _note(job, f"{name!r} (module {data}) not re-imported ({one_line(exc)})")
                 continue
             try:
                 arrived[name] = cloudpickle.loads(data)
             except Exception as exc:  # noqa: BLE001
-                _note(job, f"{name!r} could not be loaded here ({_one_line(exc)})")
+                _note(job, f"{name!r} could not be loaded here ({one_line(exc)})")
         namespace.update(arrived)
         if arrived:
             job.journal.write("stdout", f"[job {job.id} set: {', '.join(arrived)}]\n")
