@@ -125,11 +125,7 @@ class Polycell:
         if not raw_cell.strip():
             raise JobError("%%bg: the cell is empty; put the code to run in the background below %%bg")
         count = self.current_execution_count()
-        try:
-            cell = compile_cell(self.shell, raw_cell, count)
-        except SyntaxError:
-            self.shell.showsyntaxerror()
-            return None
+        cell = compile_cell(self.shell, raw_cell, count)  # a SyntaxError fails the cell that started it
         if backend is not None and mode not in (None, "task"):
             raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
         mode = "task" if backend is not None else self.choose_mode(cell, mode)
