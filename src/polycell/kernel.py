@@ -488,6 +488,8 @@ class PolycellKernel(_Ipykernel74):
         except Exception:  # noqa: BLE001 - the formatter failed: the plain line will do
             stb = [f"{type(exc).__name__}: {exc}"]
         error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": list(stb)}
+        sys.stdout.flush()  # as ipykernel: what the cell printed comes before its error
+        sys.stderr.flush()
         self._publish_error(error, request)
         return error
 
