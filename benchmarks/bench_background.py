@@ -35,6 +35,24 @@ def _stock_serial(session: KernelSession) -> float:
     return time.perf_counter() - t0
 
 
+KILL_CASES = {
+    "thread, Python loop": "%%bg --mode thread\nstarted.set()\nwhile True:\n    pass",
+    "thread, time.sleep": "%%bg --mode thread\nstarted.set()\ntime.sleep(600)",
+    "task, asyncio.sleep": "%%bg --mode task\nstarted.set()\nawait asyncio.sleep(600)",
+}
+
+
+def _kill_latency(session: KernelSession, cell: str) -> float:
+    """Seconds from `Job.kill()` to the job ending, measured inside the kernel."""
+    session.run("import asyncio, threading, time\nstarted = threading.Event()")
+    session.run(cell)
+    job = session.eval("len(jobs)")
+    session.run("started.wait(10)")
+    return session.eval(
+        f"(lambda t0: (jobs[{job}].kill(timeout=5), time.perf_counter() - t0)[1])(time.perf_counter())"
+    )
+
+
 def run() -> list[Row]:
     rows = []
     session = KernelSession(stock_kernel_argv(), load_ext=True)
@@ -44,6 +62,9 @@ def run() -> list[Row]:
         rows.append(
             Row("8 bg cells x 0.5 s", "ipykernel + polycell ext", value, "s", "<= 0.7 s", value <= 0.7)
         )
+        for label, cell in KILL_CASES.items():
+            latency = max(_kill_latency(session, cell) for _ in range(3))
+            rows.append(Row("kill latency", label, latency * 1000, "ms", "< 100 ms", latency < 0.1))
     finally:
         session.close()
     session = KernelSession(stock_kernel_argv(), load_ext=False)

@@ -1,4 +1,4 @@
-"""Process jobs: start latency with a big namespace, parallel speed-up, foreground responsiveness.
+"""Process jobs: start latency with a big namespace, kill latency, parallel speed-up.
 
 All in one run, in a stock ipykernel with ``%load_ext polycell``:
 
@@ -12,19 +12,17 @@ All in one run, in a stock ipykernel with ``%load_ext polycell``:
   Bar: < 100 ms.
 * 2 CPU-bound process jobs at once against the same work one after the other.
   Bar: >= 1.8x faster.
-* a trivial foreground cell's round trip while 2 CPU-bound process jobs run,
-  against the kernel idle. Bar: <= 1.2x. The same with 2 thread jobs is
-  reported for comparison (the brief's thread bar is <= 3x).
+
+The foreground cell's round trip while process jobs run is in bench_foreground.py.
 """
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import time
 
-from harness import KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
+from harness import KernelSession, Row, print_rows, stock_kernel_argv
 
 BENCH = "process jobs"
 
@@ -94,19 +92,6 @@ def _plain_processes(work: str, parallel: bool) -> float:
     return time.perf_counter() - t0
 
 
-def _round_trip_under_load(session: KernelSession, mode: str, n: int) -> float:
-    first = session.eval("len(jobs)") + 1
-    for _ in range(2):
-        session.run(f"%%bg --mode {mode}\nwhile True:\n    pass")
-    time.sleep(0.5)  # let both jobs reach full speed
-    try:
-        return median_round_trip(session, "1", n)
-    finally:
-        for job_id in (first, first + 1):
-            session.run(f"%job kill {job_id}")
-            session.wait_job_end(job_id, timeout=60)
-
-
 def run() -> list[Row]:
     rows: list[Row] = []
     session = KernelSession(stock_kernel_argv(), load_ext=True)
@@ -168,32 +153,6 @@ def run() -> list[Row]:
         )
         rows.append(Row(BENCH, "peer: 2 plain processes", plain, "x", "(machine now)"))
 
-        idle = statistics.median(median_round_trip(session, "1", 100) for _ in range(3))
-        rows.append(Row(BENCH, "fg round trip, idle", idle * 1000, "ms"))
-        busy = _round_trip_under_load(session, "process", 100)
-        rows.append(
-            Row(
-                BENCH,
-                "fg rt, 2 process jobs",
-                busy / idle,
-                "x",
-                "<= 1.2x",
-                busy / idle <= 1.2,
-                {"ms": busy * 1000},
-            )
-        )
-        threads = _round_trip_under_load(session, "thread", 50)
-        rows.append(
-            Row(
-                BENCH,
-                "fg rt, 2 thread jobs",
-                threads / idle,
-                "x",
-                "(thread <= 3x)",
-                None,
-                {"ms": threads * 1000},
-            )
-        )
     finally:
         session.close()
     return rows

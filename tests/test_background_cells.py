@@ -198,3 +198,32 @@ def test_job_output_during_heavy_printing_is_complete_and_in_order(kernel):
     kernel.wait_job_end(job, timeout=120)
     assert kernel.text(bg) == "".join(f"{i}\n" for i in range(20000))
     assert len(kernel.outputs(bg)) < 2000  # merged, not one message per line
+
+
+def test_threads_a_job_starts_print_into_the_job_cell(kernel):
+    bg = kernel.execute(
+        "%%bg --name spawner\nimport threading\n"
+        "t = threading.Thread(target=lambda: print('from a thread of the job'))\nt.start()\nt.join()"
+    )
+    job = _job_id(kernel, bg)
+    kernel.wait_job_end(job)
+    kernel.run("import threading\nthreading.Thread(target=lambda: print('foreground thread')).start()")
+    assert kernel.text(bg) == "from a thread of the job\n"
+    (msg,) = [m for m in kernel.outputs(bg) if m["msg_type"] == "stream"]
+    assert msg["metadata"]["polycell"]["job"] == job
+
+
+def test_syntax_error_fails_the_bg_cell_itself(kernel):
+    reply = kernel.run("%%bg\nx = (1,")
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "SyntaxError"
+    assert kernel.eval("len(jobs)") == 0
+    # A job that awaits a killed job fails (its own error), it is not "killed".
+    kernel.run("%%bg --name victim\nimport time\ntime.sleep(600)")
+    kernel.run("%job kill 1")
+    kernel.wait_job_end(1)
+    waiter = kernel.execute("%%bg --name waiter\nawait jobs[1]")
+    kernel.wait_job_end(2)
+    assert kernel.eval("jobs[2].status.value") == "failed"
+    errors = [m for m in kernel.outputs(waiter) if m["msg_type"] == "error"]
+    assert errors and errors[0]["content"]["ename"] == "JobKilled"

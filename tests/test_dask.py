@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import time
@@ -22,6 +23,18 @@ def _job_id(kernel: KernelSession, msg_id: str) -> int:
         )
     )
     return int(handle["content"]["data"]["text/plain"].split()[2])
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _until(kernel: KernelSession, expression: str, timeout: float = 60) -> None:
+    """Poll `expression` in the kernel until it is true (hang guard: `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not kernel.eval(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout} s: {expression}"
+        time.sleep(0.05)
 
 
 def _closed_port() -> int:
@@ -96,11 +109,194 @@ def test_error_traceback_lands_in_the_cell(dask_kernel):
     assert [(e["content"]["ename"], e["content"]["evalue"]) for e in errors] == [
         ("ZeroDivisionError", "division by zero")
     ]
-    assert any("y = x / 0" in line for line in errors[0]["content"]["traceback"])
+    assert any("y = x / 0" in _plain(line) for line in errors[0]["content"]["traceback"])
     assert kernel.eval(f"(jobs[{job}].status.value, type(jobs[{job}].exception).__name__)") == (
         "failed",
         "ZeroDivisionError",
     )
+
+
+def test_error_traceback_is_ipythons_from_the_cells_frame(dask_kernel):
+    kernel = dask_kernel
+    msg_id = kernel.execute("%%bg --mode dask\ndef inner(v):\n    return {}[v]\n\ninner('missing')")
+    job = _job_id(kernel, msg_id)
+    kernel.wait_job_end(job, timeout=60)
+    (error,) = [m["content"] for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
+    assert (error["ename"], error["evalue"]) == ("KeyError", "'missing'")
+    traceback = error["traceback"]
+    assert isinstance(traceback, list)
+    assert any("\x1b[" in line for line in traceback)  # coloured, like the other modes
+    text = _plain("\n".join(traceback))
+    assert "Traceback (most recent call last)" in text
+    arrows = [line.split(maxsplit=2)[2] for line in text.splitlines() if line.startswith("---->")]
+    assert arrows == ["inner('missing')", "return {}[v]"]
+    # Nothing of polycell's or dask's own frames: the cell's frame comes first.
+    assert "dask_worker" not in text and "distributed" not in text
+
+
+def test_display_metadata_with_numpy_scalars_reaches_the_cell(dask_kernel):
+    kernel = dask_kernel
+    msg_id = kernel.execute(
+        "%%bg --mode dask\n"
+        "import numpy as np\n"
+        "from IPython.display import display\n"
+        "display({'text/plain': 'raw bundle'}, raw=True, metadata={'n': np.int64(7), 'shape': (2, 3)})\n"
+        "display(np.float32(0.5), metadata={'scale': np.float64(1.5), 'ok': np.bool_(True)})\n"
+        "display({'text/plain': 'bad'}, raw=True, metadata={'what': object()})\n"
+        "print('after')"
+    )
+    job = _job_id(kernel, msg_id)
+    kernel.wait_job_end(job, timeout=60)
+    assert kernel.eval(f"jobs[{job}].status.value") == "done"
+    shown = [m["content"] for m in kernel.outputs(msg_id) if m["msg_type"] == "display_data"]
+    shown = [c for c in shown if "polycell-handle" not in c["data"].get("text/html", "")]
+    assert shown[0] == {"data": {"text/plain": "raw bundle"}, "metadata": {"n": 7, "shape": [2, 3]}}
+    assert shown[1]["data"]["text/plain"] == "np.float32(0.5)"
+    assert shown[1]["metadata"] == {"scale": 1.5, "ok": True}
+    assert len(shown) == 2
+    stderr = kernel.text(msg_id, "stderr")
+    assert "[polycell: a display_data output could not be sent from the worker: TypeError: object" in stderr
+    assert kernel.text(msg_id, "stdout") == "after\n"
+
+
+def test_a_job_ends_off_distributeds_callback_thread(dask_kernel, tmp_path):
+    """Finishing a job (unpickling, merging names) must not hold up other futures' callbacks."""
+    kernel = dask_kernel
+    flag = tmp_path / "go"
+    wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.02)"
+    msg_id = kernel.execute(f"%%bg --mode dask\n{wait}\nv = 5")
+    job = _job_id(kernel, msg_id)
+    kernel.run(
+        "import threading\n_ends = []\n"
+        "def _seen(j):\n"
+        "    _ends.append((j.status.value, threading.current_thread().name))\n"
+        f"jobs[{job}].add_state_listener(_seen)"
+    )
+    flag.write_text("")
+    kernel.wait_job_end(job, timeout=60)
+    ends = kernel.eval("_ends")
+    assert [status for status, _ in ends if status != "running"] == ["done"]
+    assert [thread for status, thread in ends if status == "done"] == ["polycell-dask-finish_0"]
+    assert kernel.eval("v") == 5
+
+
+def test_kill_after_the_cell_ended_but_before_its_result_arrived(dask_kernel):
+    """The worker's "ended" came first; then a kill cancels the future: the job still ends."""
+    kernel = dask_kernel
+    # Hold distributed's one callback thread, so the cell's done-callback waits behind it.
+    kernel.run(
+        "import threading\n"
+        "_release = threading.Event()\n"
+        "_client = jobs.runner('dask').client\n"
+        "_blocker = _client.submit(abs, -1, pure=False)\n"
+        "_blocker.add_done_callback(lambda f: _release.wait(60))\n"
+        "_ = _blocker.result()"
+    )
+    msg_id = kernel.execute("%%bg --mode dask\nhit = 1\nprint('bye')")
+    job = _job_id(kernel, msg_id)
+    _until(kernel, f"jobs.runner('dask')._tasks[{job}].ended is not None")
+    assert kernel.eval(f"jobs[{job}].status.value") == "running"  # the result is stuck behind the blocker
+    try:
+        assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
+    finally:
+        kernel.run("_release.set()")
+    assert "bye\n" in kernel.text(msg_id, "stdout")
+    assert kernel.eval("'hit' in globals()") is False
+    assert kernel.eval("jobs.runner('dask').running()") == 0
+
+
+def test_kill_while_the_started_event_is_still_in_flight_stops_the_cell(dask_kernel):
+    kernel = dask_kernel
+    # The runner never hears "started" (as when the event is still on its way).
+    kernel.run(
+        "_runner = jobs.runner('dask')\n"
+        "_real_on_event = _runner._on_event\n"
+        "_runner._on_event = lambda task, msg: None if 'started' in msg else _real_on_event(task, msg)"
+    )
+    try:
+        msg_id = kernel.execute("%%bg --mode dask\nn = 0\nprint('looping')\nwhile True:\n    n += 1")
+        job = _job_id(kernel, msg_id)
+        kernel.wait_for(
+            lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "looping\n", timeout=60
+        )
+        assert kernel.eval(f"jobs[{job}].info.get('worker')") is None
+        assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
+        assert kernel.eval(f"jobs[{job}].info['worker']").startswith("tcp://")  # found by asking all workers
+    finally:
+        kernel.run("_runner._on_event = _real_on_event")
+    # Both workers are free again: two cells run side by side.
+    first, second = kernel.execute("%%bg --mode dask\n1"), kernel.execute("%%bg --mode dask\n2")
+    for msg_id in (first, second):
+        kernel.wait_job_end(_job_id(kernel, msg_id), timeout=60)
+
+
+def test_kill_of_a_cell_waiting_for_a_worker_never_runs_it(dask_kernel, tmp_path):
+    kernel = dask_kernel
+    flag = tmp_path / "go"
+    wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.02)"
+    busy = [_job_id(kernel, kernel.execute(f"%%bg --mode dask\n{wait}")) for _ in range(2)]
+    for job in busy:
+        _until(kernel, f"jobs[{job}].status.value == 'running'")
+    msg_id = kernel.execute("%%bg --mode dask\nqueued = 1\nprint('queued ran')")
+    job = _job_id(kernel, msg_id)
+    assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
+    flag.write_text("")
+    for other in busy:
+        kernel.wait_job_end(other, timeout=60)
+    after = kernel.execute("%%bg --mode dask\n'after'")
+    kernel.wait_job_end(_job_id(kernel, after), timeout=60)
+    assert "queued ran" not in kernel.text(msg_id)
+    assert kernel.eval("'queued' in globals()") is False
+
+
+def test_a_job_killed_before_submit_never_runs_and_a_failed_submit_fails_the_job(dask_kernel, dask_cluster):
+    kernel = dask_kernel
+    kernel.run(
+        "from polycell.cell import compile_cell\n"
+        "_runner = jobs.runner('dask')\n"
+        "def _ship(src):\n"
+        "    body = _runner.ship(compile_cell(get_ipython(), src, 1), globals())\n"
+        "    body.finish = lambda value, names: globals().update(names)\n"
+        "    return body\n"
+        "_early = jobs.new_job('dask')\n"
+        "_ = _early.kill()\n"
+        "_ = _runner.submit(_early, _ship('early = 1'))"
+    )
+    assert kernel.eval("(_early.status.value, _runner.running())") == ("killed", 0)
+    assert kernel.eval("_early.info.get('worker')") is None
+    # A client that cannot submit any more: the job fails with one line, nothing is left tracked.
+    reply = kernel.run(
+        f"from distributed import Client\n"
+        f"_closed = Client({dask_cluster!r}, set_as_default=False)\n"
+        f"_ = polycell.use_dask(_closed)\n"
+        f"_closed.close()\n"
+        f"_broken = jobs.new_job('dask')\n"
+        f"_ = _runner.submit(_broken, _ship('broken = 1'))"
+    )
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert kernel.eval("(_broken.wait(10), _broken.status.value, _runner.running())") == (True, "failed", 0)
+    message = kernel.eval("str(_broken.exception)")
+    assert message.startswith("dask: the cell could not be submitted: ") and "\n" not in message
+    assert kernel.eval("'early' in globals() or 'broken' in globals()") is False
+
+
+def test_private_reaches_on_the_worker_are_where_polycell_expects_them(dask_kernel):
+    """IPython 9.18 re-exports display_functions.display; distributed 2026.8.0's Worker.loop is tornado's."""
+    kernel = dask_kernel
+    msg_id = kernel.execute(
+        "%%bg --mode dask\n"
+        "import IPython.display, tornado.ioloop\n"
+        "from IPython.core import display_functions\n"
+        "from distributed import get_worker\n"
+        "loop = get_worker().loop\n"
+        "(IPython.display.display is display_functions.display,\n"
+        " type(display_functions.display).__name__,\n"
+        " isinstance(loop, tornado.ioloop.IOLoop)\n"
+        " and callable(loop.call_later) and callable(loop.add_callback))"
+    )
+    job = _job_id(kernel, msg_id)
+    kernel.wait_job_end(job, timeout=60)
+    assert kernel.eval(f"jobs[{job}].result") == (True, "_CapturingDisplay", True)
 
 
 def test_kill_of_a_python_loop_stops_it(dask_kernel):

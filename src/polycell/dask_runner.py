@@ -13,15 +13,24 @@ it and writes each record to the job's journal as it arrives. When the task
 ends, the names the cell assigned come back and are merged into the
 notebook's namespace, as for process jobs.
 
+A job ends once both the task's result and every output record it announced
+have arrived (they travel separately: the result through the scheduler, the
+records as events). Whichever comes last hands the finishing work (unpickling,
+merging names) to a thread of this runner: distributed runs every future's
+done-callback on one process-wide thread, which must never wait.
+
 Kill cancels the task. Dask cannot stop a task that already runs, so the
 runner also raises `JobKilled` in the task's thread on the worker (the same
-async-exception trick as thread mode); a cell blocked in C code (a
+async-exception trick as thread mode). When no "started" event has arrived,
+the task may still have started, so every worker is asked: the one running
+it stops it, the others remember never to start it. A cell blocked in C code (a
 ``time.sleep``, a socket) ignores it until the call returns, and the job then
 says so in its cell and reports ``kill requested, still blocked``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 import uuid
@@ -30,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polycell.cell import CompiledCell
-from polycell.job import Job, JobError, JobKilled, Runner
+from polycell.job import Job, JobError, JobKilled, Runner, one_line
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskCell", "DaskRunner", "require_distributed"]
 
@@ -66,11 +75,19 @@ class _Task:
 
     job: Job
     topic: str
+    body: DaskCell
     future: Any = None
     worker: str | None = None
+    #: Output records received so far.
     received: int = 0
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    timer: threading.Timer | None = None
+    #: The worker's ``ended`` event, once it arrived: the cell is no longer running.
+    ended: dict[str, Any] | None = None
+    #: The task's result, once its future resolved.
+    outcome: dict[str, Any] | None = None
+    #: Set once, by whoever hands the job to `DaskRunner._complete`.
+    completing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    timers: list[threading.Timer] = field(default_factory=list)
 
 
 class DaskRunner(Runner):
@@ -83,6 +100,7 @@ class DaskRunner(Runner):
         self._cluster: Any = None
         self._owns_client = False
         self._tasks: dict[int, _Task] = {}
+        self._finish_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._prefix = f"polycell-{uuid.uuid4().hex[:8]}"
 
     # -- the cluster ---------------------------------------------------------------------------
@@ -125,9 +143,8 @@ class DaskRunner(Runner):
             try:
                 self._client = Client(address, timeout=timeout, set_as_default=False)
             except (OSError, TimeoutError, ValueError) as exc:
-                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
                 raise JobError(
-                    f"dask: cannot reach the scheduler at {address} within {timeout:g} s ({reason})"
+                    f"dask: cannot reach the scheduler at {address} within {timeout:g} s ({one_line(exc)})"
                 ) from None
         self._owns_client = True
         return self._client
@@ -156,10 +173,9 @@ class DaskRunner(Runner):
             try:
                 names[name] = cloudpickle.dumps(namespace[name])
             except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's to see
-                reason = (str(exc).splitlines() or [""])[0]
                 raise JobError(
                     f"%%bg --mode dask: cannot send {name!r} ({type(namespace[name]).__name__}) to the "
-                    f"cluster: it cannot be pickled ({type(exc).__name__}: {reason})"
+                    f"cluster: it cannot be pickled ({one_line(exc)})"
                 ) from None
         return DaskCell(cloudpickle.dumps(cell), names)
 
@@ -170,14 +186,31 @@ class DaskRunner(Runner):
 
         self._prepare(job)
         client = self.client
-        task = _Task(job, f"{self._prefix}-{job.id}")
+        task = _Task(job, f"{self._prefix}-{job.id}", body)
         with self._lock:
+            if job.done:
+                return job  # killed before it was submitted: nothing runs, nothing is merged
             self._tasks[job.id] = task
-        client.subscribe_topic(task.topic, lambda event: self._on_event(task, event[1]))
-        task.future = client.submit(
-            run_cell, body.cell_bytes, body.names, task.topic, pure=False, key=f"{task.topic}-cell"
-        )
-        task.future.add_done_callback(lambda future: self._on_done(task, body, future))
+        try:
+            client.subscribe_topic(task.topic, lambda event: self._on_event(task, event[1]))
+            future = client.submit(
+                run_cell, body.cell_bytes, body.names, task.topic, pure=False, key=f"{task.topic}-cell"
+            )
+        except Exception as exc:  # noqa: BLE001 - a closed client, a scheduler gone
+            self._end(task)
+            error = JobError(f"dask: the cell could not be submitted: {one_line(exc)}")
+            job.journal.write("stderr", f"[job {job.id}: {error}]\n")
+            job._set_exception(error)
+            return job
+        with self._lock:
+            task.future = future
+            killed_meanwhile = job.id not in self._tasks
+        if killed_meanwhile:
+            # `kill` ran between registering and submitting: it could not cancel a future
+            # it did not have. Cancel it now; the workers refuse to start the cell.
+            self._stop_unstarted(client, task)
+            return job
+        future.add_done_callback(lambda done: self._on_done(task, done))
         return job
 
     def _on_event(self, task: _Task, msg: dict[str, Any]) -> None:
@@ -185,40 +218,87 @@ class DaskRunner(Runner):
         job = task.job
         if "seq" in msg:
             job.journal.append(msg["record"])
-            with task.cond:
+            with task.lock:
                 task.received += 1
-                task.cond.notify_all()
+            self._complete_when_ready(task)
         elif "started" in msg:
             task.worker = msg["started"]
             job.info["worker"] = msg["started"]
             job._set_running()
-        elif "ended" in msg and job.kill_requested:
-            # The future was cancelled, so this event is the only news that the task stopped.
-            self._end(task)
-            job._set_killed()
+        elif "ended" in msg:
+            task.ended = msg
+            if job.kill_requested:
+                # The future was cancelled, so this event is the only news that the task stopped.
+                self._end(task)
+                job._set_killed()
+            else:
+                self._complete_when_ready(task)
 
-    def _on_done(self, task: _Task, body: DaskCell, future: Any) -> None:
+    def _on_done(self, task: _Task, future: Any) -> None:
+        """The future resolved (runs on distributed's one callback thread: must not block)."""
         job = task.job
         if future.cancelled():
-            return  # killed: the "ended" event, or kill itself, ends the job
+            # Only a kill (or shutdown) cancels. If the cell already ended on the worker,
+            # no "ended" event is coming to end the job: end it here.
+            if task.ended is not None:
+                self._end(task)
+                job._set_killed()
+            return
         try:
             outcome = future.result()
         except BaseException as exc:  # noqa: BLE001 - a lost worker, a failed deserialisation
+            self._end(task)
             if job.kill_requested:
-                self._end(task)
                 job._set_killed()
                 return
-            job.journal.write("stderr", f"dask: the task failed: {type(exc).__name__}: {exc}\n")
-            self._end(task)
+            job.journal.write("stderr", f"dask: the task failed: {one_line(exc)}\n")
             job._set_exception(exc)
             return
-        with task.cond:
-            task.cond.wait_for(lambda: task.received >= outcome["records"], _LATE_OUTPUT_SECONDS)
+        with task.lock:
+            task.outcome = outcome
+        if not self._complete_when_ready(task):
+            # Records still on their way: wait for them, but not forever.
+            self._start_timer(task, _LATE_OUTPUT_SECONDS, lambda: self._complete_when_ready(task, late=True))
+
+    def _complete_when_ready(self, task: _Task, *, late: bool = False) -> bool:
+        """Hand the job to `_complete` once its result and all its records are here (or `late`)."""
+        with task.lock:
+            outcome = task.outcome
+            if task.completing or task.job.done:
+                return True
+            if outcome is None or (task.received < outcome["records"] and not late):
+                return False
+            task.completing = True
+        self._finisher().submit(self._complete, task, outcome)
+        return True
+
+    @staticmethod
+    def _start_timer(task: _Task, seconds: float, action: Callable[[], object]) -> None:
+        timer = threading.Timer(seconds, action)
+        timer.daemon = True
+        with task.lock:
+            task.timers.append(timer)
+        timer.start()
+
+    def _complete(self, task: _Task, outcome: dict[str, Any]) -> None:
+        """End the job from its outcome (on the runner's finisher thread)."""
+        job = task.job
         self._end(task)
+        if job.done:
+            return
+        if job.kill_requested:
+            job._set_killed()
+            return
         job.info["worker"] = outcome["worker"]
         for what, why in outcome["unsent"].items():
             job.journal.write("stderr", f"polycell: {what} could not be sent back from the worker: {why}\n")
-        self._finish(job, body, outcome)
+        self._finish(job, task.body, outcome)
+
+    def _finisher(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._finish_pool is None:
+                self._finish_pool = concurrent.futures.ThreadPoolExecutor(1, "polycell-dask-finish")
+            return self._finish_pool
 
     @staticmethod
     def _finish(job: Job, body: DaskCell, outcome: dict[str, Any]) -> None:
@@ -249,16 +329,29 @@ class DaskRunner(Runner):
         job._set_result(value)
 
     def _end(self, task: _Task) -> None:
+        """Stop tracking the task: its timers, its topic. The job's state is the caller's to set."""
         with self._lock:
             self._tasks.pop(task.job.id, None)
             client = self._client
-        if task.timer is not None:
-            task.timer.cancel()
+        with task.lock:
+            timers, task.timers = task.timers, []
+        for timer in timers:
+            timer.cancel()
         if client is not None:
             try:
                 client.unsubscribe_topic(task.topic)
-            except (ValueError, RuntimeError):  # already unsubscribed, or client closing
+            except Exception:  # noqa: BLE001 - already unsubscribed, or the client closed
                 pass
+
+    def _stop_unstarted(self, client: Any, task: _Task) -> None:
+        """Cancel a task and make every worker refuse to start it (if the cancel comes too late)."""
+        from polycell.dask_worker import interrupt_cell
+
+        try:
+            client.cancel([task.future], force=True)
+            client.run(interrupt_cell, task.topic)
+        except Exception as exc:  # noqa: BLE001 - the cluster may be gone: then nothing runs anyway
+            task.job.journal.write("stderr", f"[job {task.job.id}: dask: {one_line(exc)}]\n")
 
     def kill(self, job: Job) -> None:
         from polycell.dask_worker import interrupt_cell
@@ -266,32 +359,54 @@ class DaskRunner(Runner):
         with self._lock:
             task = self._tasks.get(job.id)
             client = self._client
-        if task is None or client is None:
+        if task is None or client is None or task.future is None:
+            # Not submitted (yet): `submit` sees the task is gone and cancels what it submits.
+            if task is not None:
+                self._end(task)
             job._set_killed()
             return
         client.cancel([task.future], force=True)
-        if task.worker is None:
-            # Not started yet: cancelling is enough.
+        with task.lock:
+            over = task.ended is not None or task.outcome is not None
+        if over:
+            # The cell already ended on the worker; its result was on its way. No event
+            # will come to end the job, and the cancelled future will not either.
             self._end(task)
             job._set_killed()
             return
+        worker = task.worker
         try:
-            client.run(interrupt_cell, task.topic, workers=[task.worker])
+            if worker is None:
+                # Not known to have started, but its "started" event may be in flight: ask
+                # every worker. One that runs it stops it; the others refuse to start it.
+                running_on = [w for w, hit in client.run(interrupt_cell, task.topic).items() if hit]
+                if not running_on:
+                    self._end(task)
+                    job._set_killed()
+                    return
+                worker = task.worker = job.info["worker"] = running_on[0]
+            else:
+                client.run(interrupt_cell, task.topic, workers=[worker])
         except Exception as exc:  # noqa: BLE001 - the worker may be gone; the note below still holds
-            job.journal.write("stderr", f"[job {job.id}: could not reach {task.worker} to stop it: {exc}]\n")
+            where = worker or "the cluster"
+            job.journal.write(
+                "stderr", f"[job {job.id}: could not reach {where} to stop it: {one_line(exc)}]\n"
+            )
+            if worker is None:
+                self._end(task)
+                job._set_killed()
+                return
 
         def still_running() -> None:
             if not job.done:
                 job.journal.write(
                     "stderr",
-                    f"[job {job.id}: dask could not stop the task already running on {task.worker}: "
+                    f"[job {job.id}: dask could not stop the task already running on {worker}: "
                     "it is blocked in code that cannot be interrupted; it was cancelled and its "
                     "result will be dropped, and the job will show killed when it returns]\n",
                 )
 
-        task.timer = threading.Timer(_KILL_GRACE_SECONDS, still_running)
-        task.timer.daemon = True
-        task.timer.start()
+        self._start_timer(task, _KILL_GRACE_SECONDS, still_running)
 
     def running(self) -> int:
         return len(self._tasks)
@@ -301,14 +416,19 @@ class DaskRunner(Runner):
             tasks = list(self._tasks.values())
             self._tasks.clear()
             client = self._client
+            pool, self._finish_pool = self._finish_pool, None
         if client is not None and tasks:
             try:
                 client.cancel([t.future for t in tasks if t.future is not None], force=True)
             except Exception:  # noqa: BLE001 - shutting down: nothing more to do
                 pass
         for task in tasks:
-            if task.timer is not None:
-                task.timer.cancel()
+            with task.lock:
+                timers, task.timers = task.timers, []
+            for timer in timers:
+                timer.cancel()
             task.job._set_killed(JobKilled(f"job {task.job.id} was killed: the kernel shut down"))
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=False)
         with self._lock:
             self._release()

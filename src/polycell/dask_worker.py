@@ -15,13 +15,22 @@ A cell's sink publishes its records as dask events (``Worker.log_event`` on
 the cell's topic; the kernel's client subscribes to it), numbered so the
 kernel can tell when it has received all of them. A map chunk's sink just
 collects records and returns them with the chunk's results.
+
+Two reaches into dependencies' internals live here, each with a test in
+tests/test_dask.py that fails if it moves: ``IPython.core.display_functions.display``
+is replaced on the worker (IPython 9.18: ``IPython.display.display`` is that same
+function, re-exported), and ``Worker.loop`` is used as a tornado ``IOLoop``
+(``add_callback``/``call_later``; distributed 2026.8.0 ``Worker.log_event`` uses
+it the same way).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextvars
+import datetime
 import linecache
+import numbers
 import sys
 import threading
 import time
@@ -30,6 +39,7 @@ from typing import Any
 
 import cloudpickle
 
+from polycell.cell import cell_traceback_start
 from polycell.job import JobKilled
 from polycell.thread import KillSwitch
 
@@ -42,6 +52,8 @@ _install_lock = threading.Lock()
 #: Events are sent when this much stream text is buffered, or after this long.
 _EVENT_CHARS = 32_000
 _EVENT_SECONDS = 0.1
+#: IPython's traceback colours for a dask cell's error (ipykernel 7.4's default ``colors``).
+TRACEBACK_THEME = "neutral"
 
 
 class _CapturingStream:
@@ -80,6 +92,8 @@ def _install_capture() -> None:
             from IPython.core import display_functions
         except ImportError:  # pragma: no cover - IPython is a dependency of polycell
             return
+        # IPython 9.18: `display` is defined in display_functions and re-exported by
+        # IPython.display; user code calls either name, so both are replaced.
         if not isinstance(display_functions.display, _CapturingDisplay):
             wrapper = _CapturingDisplay(display_functions.display)
             display_functions.display = wrapper
@@ -112,13 +126,51 @@ class _CapturingDisplay:
         from IPython.core.formatters import DisplayFormatter
 
         formatter = DisplayFormatter()
+        extra = kwargs.get("metadata") or {}
         for obj in objs:
-            data, metadata = (obj, {}) if kwargs.get("raw") else formatter.format(obj)
+            if kwargs.get("raw"):
+                data, metadata = obj, dict(extra)
+            else:
+                data, metadata = formatter.format(
+                    obj, include=kwargs.get("include"), exclude=kwargs.get("exclude")
+                )
+                if not data:
+                    continue  # nothing to show (an _ipython_display_ that took over)
+                metadata = {**metadata, **extra}  # given metadata wins, as in IPython's display
             sink.append({"msg_type": "display_data", "content": {"data": data, "metadata": metadata}})
         return None
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         return _ipython_display, ()
+
+
+def plain(value: Any) -> Any:
+    """`value` made of the exact types msgpack and JSON accept (dict, list, str, int, float...).
+
+    ``Worker.log_event`` (distributed 2026.8.0) refuses anything else, even a
+    numpy scalar or a tuple in a display's metadata; the notebook would turn
+    them into the same JSON anyway. TypeError for a value with no plain form.
+    """
+    if value is None or type(value) in (str, int, float, bool, bytes):
+        return value
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(item) for item in value]
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    item = getattr(value, "item", None)  # a numpy scalar that is no number (np.str_, np.bool_)
+    if callable(item) and getattr(value, "shape", None) == ():
+        return plain(item())
+    raise TypeError(f"{type(value).__name__} cannot be sent as output")
 
 
 class _Sink:
@@ -193,6 +245,14 @@ class _EventSink(_Sink):
         self._since = time.monotonic()
 
     def _emit_locked(self, record: Record) -> None:
+        try:
+            record = plain(record)
+        except (TypeError, ValueError, RecursionError) as exc:
+            reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+            note = (
+                f"[polycell: a {record.get('msg_type')} output could not be sent from the worker: {reason}]\n"
+            )
+            record = {"msg_type": "stream", "content": {"name": "stderr", "text": note}}
         self.worker.log_event(self.topic, {"seq": self.sent, "record": record})
         self.sent += 1
 
@@ -205,27 +265,47 @@ class _EventSink(_Sink):
 
 
 _running: dict[str, KillSwitch] = {}
+#: Topics killed before their cell started on this worker: if it starts here
+#: later (a cancel that came too late), it stops before running user code.
+#: Bounded, oldest first out: a topic whose cell never comes here is never removed.
+_killed_early: dict[str, None] = {}
+_KILLED_EARLY_MAX = 10_000
+_running_lock = threading.Lock()
 
 
 def interrupt_cell(topic: str) -> bool:
     """Run on the worker by ``Client.run``: raise `JobKilled` in the cell's thread.
 
     Works at the cell's next bytecode; a cell blocked in C code (``time.sleep``,
-    a socket, a lock) only sees it when that call returns. True if sent.
+    a socket, a lock) only sees it when that call returns. True if the cell runs
+    here; otherwise the topic is remembered so the cell never starts here.
     """
-    switch = _running.get(topic)
-    return switch.pull() if switch is not None else False
+    with _running_lock:
+        switch = _running.get(topic)
+        if switch is None:
+            _killed_early[topic] = None
+            while len(_killed_early) > _KILLED_EARLY_MAX:
+                del _killed_early[next(iter(_killed_early))]
+            return False
+    switch.pull()
+    return True
 
 
 # -- tasks --------------------------------------------------------------------------------------
 
 
 def _format_error(exc: BaseException, filename: str) -> Record:
-    tb = exc.__traceback__
-    entry = tb
-    while entry is not None and entry.tb_frame.f_code.co_filename != filename:
-        entry = entry.tb_next
-    lines = traceback.format_exception(type(exc), exc, entry or tb)
+    """The error record a thread job would show: IPython's traceback, from the cell's frame on."""
+    tb = cell_traceback_start(exc.__traceback__, filename)
+    try:
+        from IPython.core.ultratb import AutoFormattedTB
+
+        # Context mode, as the kernel's own InteractiveTB (IPython 9.18 signature).
+        lines = AutoFormattedTB(mode="Context", theme_name=TRACEBACK_THEME).structured_traceback(
+            type(exc), exc, tb
+        )
+    except Exception:  # noqa: BLE001 - a broken formatter must not lose the error
+        lines = traceback.format_exception(type(exc), exc, tb)
     return {
         "msg_type": "error",
         "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": lines},
@@ -252,7 +332,11 @@ def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str
     _install_capture()
     sink = _EventSink(worker, topic)
     switch = KillSwitch()
-    _running[topic] = switch
+    with _running_lock:
+        _running[topic] = switch
+        if topic in _killed_early:
+            del _killed_early[topic]
+            switch.pull()  # killed before it started: `armed` raises JobKilled at once
     sink.event({"started": worker.address, "thread": threading.current_thread().name})
     token = _sink.set(sink)
     status, value, exc_bytes = "done", None, None
@@ -273,7 +357,8 @@ def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str
         exc_bytes, _ = _pack(exc)
     finally:
         _sink.reset(token)
-        _running.pop(topic, None)
+        with _running_lock:
+            _running.pop(topic, None)
     assigned: dict[str, bytes] = {}
     unsent: dict[str, str] = {}
     if status == "done":

@@ -7,7 +7,6 @@ messages) and the magics, and it shares the process-wide `jobs` table.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextvars
 import os
@@ -22,8 +21,8 @@ from polycell import view
 from polycell.cell import CompiledCell, compile_cell
 from polycell.control import ControlHandler
 from polycell.iopub import IOPubPublisher
-from polycell.job import Job, JobError, JobKilled
-from polycell.job_table import MODES, JobTable, jobs
+from polycell.job import Job, JobError
+from polycell.job_table import JobTable, jobs
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
 from polycell.routing import OutputRouter, write_error, write_result
 
@@ -80,6 +79,7 @@ class Polycell:
 
     def close(self) -> None:
         """End every job and stop routing; idempotent."""
+        atexit.unregister(self.close)
         self.control.uninstall()
         if self.jobs.on_new_job == self.attach:
             self.jobs.on_new_job = None
@@ -103,11 +103,14 @@ class Polycell:
         count = getattr(running, "execution_count", None)
         return count if isinstance(count, int) else self.shell.execution_count
 
-    def choose_mode(self, cell: CompiledCell, mode: str | None) -> str:
+    @staticmethod
+    def choose_mode(cell: CompiledCell, mode: str | None) -> str:
+        """The default mode: task when the cell has a top-level await, else thread.
+
+        A given mode is checked by `JobTable.runner`, the one place that knows them all.
+        """
         if mode is None:
             return "task" if cell.is_async else "thread"
-        if mode not in MODES:
-            raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         return mode
 
     def run_cell(
@@ -117,21 +120,23 @@ class Polycell:
         mode: str | None = None,
         name: str | None = None,
         backend: str | None = None,
-    ) -> Job | None:
-        """Start a cell as a background job of the current cell; None if it does not compile.
+    ) -> Job:
+        """Start a cell as a background job of the current cell.
 
         `backend` picks the event loop of a task job (asyncio by default, or trio).
+        A cell that does not compile raises its SyntaxError here, in the foreground,
+        so the cell that started it fails like any cell with a syntax error.
         """
         if not raw_cell.strip():
             raise JobError("%%bg: the cell is empty; put the code to run in the background below %%bg")
         count = self.current_execution_count()
-        cell = compile_cell(self.shell, raw_cell, count)  # a SyntaxError fails the cell that started it
-        if backend is not None and mode not in (None, "task"):
-            raise JobError(f"--backend {backend} is for task mode only, not --mode {mode}")
-        mode = "task" if backend is not None else self.choose_mode(cell, mode)
+        cell = compile_cell(self.shell, raw_cell, count)
+        if mode is None and backend is not None:
+            mode = "task"
+        mode = self.choose_mode(cell, mode)
+        runner = self.jobs.runner(mode, backend)  # checks both, before any job exists
         if mode == "dask":
-            return self._run_dask(cell, raw_cell, name, count)
-        runner = self.jobs.runner(mode, backend)  # before the job exists: a mode may be unavailable here
+            return self._run_dask(runner, cell, raw_cell, name, count)
         job = self.jobs.new_job(mode, name=name, source=raw_cell)
         if backend is not None:
             job.info["backend"] = backend
@@ -140,8 +145,9 @@ class Polycell:
 
         def fail(exc: BaseException) -> None:
             # Whatever a kill raises in the job (JobKilled, asyncio or trio cancellation)
-            # is the kill's doing, not an error of the cell.
-            if not isinstance(exc, (JobKilled, asyncio.CancelledError)) and not job.kill_requested:
+            # is the kill's doing, not an error of the cell; the same exceptions raised
+            # without a kill (awaiting a killed job, a cancelled inner task) are errors.
+            if not job.kill_requested:
                 write_error(job, shell, exc, cell.filename)
 
         body: Any
@@ -185,9 +191,8 @@ class Polycell:
 
         self.jobs.runner("process").submit(job, in_child, namespace=self.shell.user_ns, names=cell.assigned)
 
-    def _run_dask(self, cell: CompiledCell, raw_cell: str, name: str | None, count: int) -> Job:
+    def _run_dask(self, runner: Any, cell: CompiledCell, raw_cell: str, name: str | None, count: int) -> Job:
         """Ship the cell and the names it reads to the cluster; bring assigned names back."""
-        runner = self.jobs.runner("dask")
         runner.client  # noqa: B018 - connect now, so an unreachable scheduler is this cell's error
         body = runner.ship(cell, self.shell.user_ns, self._hidden_names())
         job = self.jobs.new_job("dask", name=name, source=raw_cell)

@@ -13,6 +13,7 @@ tell whose output it is.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,7 @@ class IOPubPublisher:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="polycell-iopub", daemon=True)
         self._thread.start()
-        self._followers: list[Subscription] = []
+        self._cancels: dict[int, Callable[[], None]] = {}
 
     # -- public ----------------------------------------------------------------------
 
@@ -49,14 +50,18 @@ class IOPubPublisher:
         """
 
         def enqueue(record: Record | None) -> None:
+            if record is None:
+                self._cancels.pop(id(enqueue), None)
             self._queue.put((job.id, parent, record, on_end if record is None else None))
 
         # The snapshot is queued under the journal's lock, so a record the job
         # writes meanwhile cannot overtake it: replayed, then live, in order.
         sub = job.journal.follow(enqueue, replay=replay)
-        if sub.ended and on_end is not None:
-            self._queue.put((job.id, parent, None, on_end))
-        self._followers.append(sub)
+        if sub.ended:
+            if on_end is not None:
+                self._queue.put((job.id, parent, None, on_end))
+        else:
+            self._cancels[id(enqueue)] = sub.cancel  # until the job ends; not its snapshot
         return sub
 
     def send(self, job_id: int, parent: dict[str, Any], record: Record) -> None:
@@ -70,8 +75,8 @@ class IOPubPublisher:
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        for sub in self._followers:
-            sub.cancel()
+        for cancel in list(self._cancels.values()):
+            cancel()
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
@@ -85,8 +90,11 @@ class IOPubPublisher:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if self._publish_batch(items):
-                return
+            try:
+                if self._publish_batch(items):
+                    return
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive one bad item
+                print(f"polycell: job output could not be sent: {exc!r}", file=sys.__stderr__)
 
     def _publish_batch(self, items: list[Any]) -> bool:
         """Send a batch; True when the publisher was asked to stop."""
@@ -113,10 +121,13 @@ class IOPubPublisher:
             if record is None:
                 flush_stream()
                 if on_end is not None:
-                    on_end()
+                    try:
+                        on_end()
+                    except Exception as exc:  # noqa: BLE001 - the rest of the batch still goes out
+                        print(f"polycell: job {job_id} end update failed: {exc!r}", file=sys.__stderr__)
                 continue
             if record["msg_type"] == "stream":
-                key = (job_id, parent["msg_id"] if parent else "", record["content"]["name"])
+                key = (job_id, parent.get("msg_id", ""), record["content"]["name"])
                 if pending is None or (pending[0], pending[1].get("msg_id", ""), pending[2]) != key:
                     flush_stream()
                     pending = (job_id, parent, record["content"]["name"])
@@ -142,6 +153,4 @@ class IOPubPublisher:
                 ident=topic.encode(),
             )
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop all output
-            import sys
-
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)

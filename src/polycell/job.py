@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
 from typing import Any
 
-from polycell.journal import OutputJournal
+from polycell.journal import OutputJournal, last_line
 
 __all__ = [
     "Job",
@@ -28,6 +28,7 @@ __all__ = [
     "KillOutcome",
     "Runner",
     "current_job",
+    "one_line",
 ]
 
 
@@ -51,6 +52,12 @@ class JobState(str, enum.Enum):
 
 class JobError(Exception):
     """A user-facing error about jobs: its message is meant to be shown as one line."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, cut to `limit` characters: how polycell reports a cause."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class JobKilled(BaseException):
@@ -148,12 +155,7 @@ class Job:
         """The last line of output; for a failed job, the error that failed it."""
         if self._state is JobState.FAILED and self._exception is not None:
             return f"{type(self._exception).__name__}: {self._exception}"
-        for raw in reversed(self.output.split("\n")):
-            # A progress bar redraws its line with "\r": only the last drawing counts.
-            line = raw.rstrip("\r").rpartition("\r")[2].strip()
-            if line:
-                return line
-        return ""
+        return last_line(self.journal.tail_text())
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has ended; True if it did, False on timeout."""

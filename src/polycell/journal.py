@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OutputJournal", "Record", "Subscription", "stream_record"]
+__all__ = ["OutputJournal", "Record", "Subscription", "last_line", "stream_record"]
 
 Record = dict[str, Any]
 #: A follower is called with each new record, then once with None when the job ends.
@@ -32,6 +32,16 @@ DEFAULT_CHUNK_CHARS = 64_000
 
 def stream_record(name: str, text: str) -> Record:
     return {"msg_type": "stream", "content": {"name": name, "text": text}}
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of stream text; of a line a progress bar redraws with
+    ``\r``, only the last drawing."""
+    for raw in reversed(text.split("\n")):
+        line = raw.rstrip("\r").rpartition("\r")[2].strip()
+        if line:
+            return line
+    return ""
 
 
 def _record_size(record: Record) -> int:
@@ -58,14 +68,16 @@ class OutputJournal:
         self.max_chars = max_chars
         self.chunk_chars = chunk_chars
         self._records: deque[Record] = deque()
+        # Text merged into the last (stream) record but not yet joined into it: joining
+        # on every write would copy the growing chunk each time (quadratic per chunk).
+        self._open_parts: list[str] = []
+        self._open_chars = 0
         self._size = 0
         self._lock = threading.Lock()
         self._followers: list[Follower] = []
         self._closed = False
         self.dropped_records = 0
         self.dropped_chars = 0
-        #: Total records ever appended (merged stream writes count once per write).
-        self.writes = 0
 
     # -- writing -------------------------------------------------------------------
 
@@ -78,7 +90,6 @@ class OutputJournal:
         with self._lock:
             if self._closed:
                 return
-            self.writes += 1
             self._store(record)
             # Called under the lock so that followers see records in journal order
             # even when several threads write; followers must only enqueue.
@@ -92,12 +103,12 @@ class OutputJournal:
             and last is not None
             and last["msg_type"] == "stream"
             and last["content"]["name"] == record["content"]["name"]
-            and len(last["content"]["text"]) < self.chunk_chars
+            and len(last["content"]["text"]) + self._open_chars < self.chunk_chars
         ):
-            # Merge into a new dict: followers may still hold the old one.
-            text = last["content"]["text"] + record["content"]["text"]
-            self._records[-1] = stream_record(last["content"]["name"], text)
+            self._open_parts.append(record["content"]["text"])
+            self._open_chars += len(record["content"]["text"])
         else:
+            self._seal()
             self._records.append(record)
         self._size += _record_size(record)
         while self._size > self.max_chars and len(self._records) > 1:
@@ -106,6 +117,14 @@ class OutputJournal:
             self._size -= size
             self.dropped_records += 1
             self.dropped_chars += size
+
+    def _seal(self) -> None:
+        """Join the pending text into the last record (a new dict: followers may hold the old)."""
+        if self._open_parts:
+            last = self._records[-1]
+            text = last["content"]["text"] + "".join(self._open_parts)
+            self._records[-1] = stream_record(last["content"]["name"], text)
+            self._open_parts, self._open_chars = [], 0
 
     def close(self) -> None:
         """The job ended: tell followers, and accept nothing more."""
@@ -135,6 +154,7 @@ class OutputJournal:
     def records(self) -> list[Record]:
         """A snapshot of the whole journal, led by a marker if anything was dropped."""
         with self._lock:
+            self._seal()
             return self._head() + list(self._records)
 
     def __iter__(self) -> Iterator[Record]:
@@ -143,8 +163,22 @@ class OutputJournal:
     def text(self) -> str:
         """The stdout and stderr text, in order."""
         with self._lock:
+            self._seal()
             records = self._head() + list(self._records)
         return "".join(r["content"]["text"] for r in records if r["msg_type"] == "stream")
+
+    def tail_text(self, max_chars: int = 4096) -> str:
+        """The last `max_chars` (or a little more) of the stdout and stderr text."""
+        with self._lock:
+            parts = list(self._open_parts)
+            size = self._open_chars
+            for record in reversed(self._records):
+                if size >= max_chars:
+                    break
+                if record["msg_type"] == "stream":
+                    parts.insert(0, record["content"]["text"])
+                    size += len(record["content"]["text"])
+        return "".join(parts)[-max_chars:]
 
     def follow(self, follower: Follower, *, replay: bool = False) -> Subscription:
         """Snapshot the journal and subscribe to what comes after, atomically.
@@ -158,6 +192,7 @@ class OutputJournal:
         snapshot queued before any live record a concurrent writer appends.
         """
         with self._lock:
+            self._seal()
             snapshot = self._head() + list(self._records)
             ended = self._closed
             if replay:
@@ -190,6 +225,7 @@ class OutputJournal:
         returned `ended` is only True once the reader has everything.
         """
         with self._lock:
+            self._seal()
             first = self.dropped_records
             out: list[Record] = []
             if index < first:

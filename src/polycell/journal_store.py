@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from polycell.job import Job
-from polycell.journal import Record
+from polycell.journal import Record, last_line
+from polycell.view import make_row
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -365,19 +366,16 @@ class StoredJob:
         return (self.ended if self.ended is not None else time.time()) - self.started
 
     def row(self) -> dict[str, Any]:
-        """The job as `view.job_row` shapes it, so stored and live tables look the same."""
-        last = self.last_output
-        if len(last) > 60:
-            last = last[:59] + "…"
-        return {
-            "id": self.id,
-            "name": self.name,
-            "mode": self.mode,
-            "status": self.status,
-            "elapsed": round(self.elapsed, 3),
-            "last_output": last,
-            "info": {"run": self.run},
-        }
+        """The job as a table row, shaped like a live job's so both tables look the same."""
+        return make_row(
+            job_id=self.id,
+            name=self.name,
+            mode=self.mode,
+            status=self.status,
+            elapsed=self.elapsed,
+            last_output=self.last_output,
+            info={"run": self.run},
+        )
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
@@ -433,8 +431,7 @@ def read_jobs(path: str | os.PathLike[str]) -> list[StoredJob]:
     jobs = []
     for row, last_text in zip(rows, last_texts, strict=True):
         text = json.loads(last_text[0])["text"] if last_text else ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        job = StoredJob(*row, last_output=lines[-1] if lines else "")
+        job = StoredJob(*row, last_output=last_line(text))
         if job.status in ("pending", "running") and alive.get(job.run) is False:
             job = StoredJob(**{**job.__dict__, "status": "lost"})
         jobs.append(job)

@@ -72,6 +72,8 @@ class PolycellMagics(Magics):
             self.polycell.run_cell(code, mode=mode, name=name, backend=backend)
         except JobError as exc:
             raise UsageError(str(exc)) from None
+        except (OSError, RuntimeError) as exc:  # no thread, no fork, no cluster: the machine said no
+            raise UsageError(f"could not start the job: {type(exc).__name__}: {exc}") from None
 
     @cell_magic
     def bg(self, line: str, cell: str) -> None:

@@ -5,14 +5,18 @@ publisher, whichever thread or task they run in. While the extension is loaded
 both are wrapped: when `current_job` is set in the calling context (a runner
 sets it for the job's code), the output becomes a record in that job's
 journal; otherwise it goes where it always went. The journal's followers
-(`polycell.iopub`) then send it to the cell that started the job.
+(`polycell.iopub`) then send it to the cell that started the job. Threads a job
+starts inherit its context, so their output is the job's too.
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
+import threading
 from typing import Any, TextIO
 
+from polycell.cell import cell_traceback_start
 from polycell.job import Job, current_job
 
 __all__ = ["JobAwareStream", "OutputRouter"]
@@ -57,6 +61,23 @@ def _display_record(
     return {"msg_type": "update_display_data" if update else "display_data", "content": content}
 
 
+_thread_start = threading.Thread.start
+
+
+def _start_in_job_context(thread: threading.Thread) -> None:
+    """`Thread.start` that, called from a job, runs the new thread in that job's context.
+
+    Before Python 3.14 a new thread starts with an empty context, so the output of
+    a thread a job starts (a worker pool, a progress bar's monitor) would land in
+    the cell that ran last: the very problem polycell exists to fix.
+    """
+    if current_job.get() is not None:
+        context = contextvars.copy_context()
+        run = thread.run
+        thread.run = lambda: context.run(run)  # type: ignore[method-assign]
+    _thread_start(thread)
+
+
 class OutputRouter:
     """Installs and removes the wrappers on one shell; one per loaded extension."""
 
@@ -99,6 +120,7 @@ class OutputRouter:
 
         pub.publish = publish
         pub.clear_output = clear_output
+        threading.Thread.start = _start_in_job_context  # type: ignore[method-assign]
         self._installed = True
 
     def uninstall(self) -> None:
@@ -112,6 +134,8 @@ class OutputRouter:
         # Dropping the instance attributes uncovers the class's own methods again.
         pub.__dict__.pop("publish", None)
         pub.__dict__.pop("clear_output", None)
+        if threading.Thread.start is _start_in_job_context:
+            threading.Thread.start = _thread_start  # type: ignore[method-assign]
         self._installed = False
 
 
@@ -132,8 +156,6 @@ def write_result(job: Job, shell: Any, value: Any, execution_count: int) -> None
 
 def write_error(job: Job, shell: Any, exc: BaseException, cell_filename: str) -> None:
     """Record an exception with IPython's usual traceback, starting at the cell's own frame."""
-    from polycell.cell import cell_traceback_start
-
     tb = cell_traceback_start(exc.__traceback__, cell_filename)
     try:
         stb = shell.InteractiveTB.structured_traceback(type(exc), exc, tb)

@@ -28,6 +28,7 @@ class TaskRunner(Runner):
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[Any]] = {}
         self._lock = threading.Lock()
+        self._closing = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -61,8 +62,7 @@ class TaskRunner(Runner):
             # Created inside `context`, the task runs in a copy of it.
             task = context.run(loop.create_task, self._run(job, body), name=f"polycell-job-{job.id}")
             self._tasks[job.id] = task
-            # A task cancelled before its first step never enters `_run`.
-            task.add_done_callback(lambda t: job._set_killed() if t.cancelled() else None)
+            task.add_done_callback(lambda t: self._task_done(job, t))
 
         loop.call_soon_threadsafe(start)
         return job
@@ -73,13 +73,19 @@ class TaskRunner(Runner):
                 return
             value = await body()
         except (asyncio.CancelledError, JobKilled) as exc:
-            job._set_killed(exc if isinstance(exc, JobKilled) else None)
+            if job.kill_requested or self._closing:
+                job._set_killed(exc if isinstance(exc, JobKilled) else None)
+            else:  # a cancelled inner task, or awaiting a killed job: an error of this one
+                job._set_exception(exc)
         except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
             job._set_exception(exc)
         else:
             job._set_result(value)
-        finally:
-            self._tasks.pop(job.id, None)
+
+    def _task_done(self, job: Job, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(job.id, None)
+        if task.cancelled():  # cancelled before its first step: `_run` never ran
+            job._set_killed()
 
     def kill(self, job: Job) -> None:
         loop = self._loop
@@ -96,10 +102,8 @@ class TaskRunner(Runner):
 
         loop.call_soon_threadsafe(cancel)
 
-    def running_tasks(self) -> int:
-        return len(self._tasks)
-
     def shutdown(self, timeout: float = 2.0) -> None:
+        self._closing = True
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None

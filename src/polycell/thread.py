@@ -194,11 +194,11 @@ class ThreadRunner(Runner):
             try:
                 with switch.armed():
                     value = body()
-            except JobKilled as exc:
-                job._set_killed(exc)
             except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
-                if job.kill_requested and isinstance(exc, SystemExit):
-                    job._set_killed()
+                # JobKilled is a kill only when our switch sent it: raised by awaiting a
+                # killed job, it is this job's error.
+                if switch.pulled and isinstance(exc, (JobKilled, SystemExit)):
+                    job._set_killed(exc if isinstance(exc, JobKilled) else None)
                 else:
                     job._set_exception(exc)
             else:
@@ -214,10 +214,6 @@ class ThreadRunner(Runner):
             job._set_killed()
             return
         entry[1].pull()
-
-    def running_threads(self) -> list[threading.Thread]:
-        with self._lock:
-            return [thread for thread, _switch in self._threads.values()]
 
     def shutdown(self, timeout: float = 2.0) -> None:
         if self._closed:

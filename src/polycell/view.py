@@ -41,29 +41,52 @@ def status_text(job: Job) -> str:
     return str(job.status)
 
 
-def job_row(job: Job) -> dict[str, Any]:
-    """One job as a plain dict: a table row, and the ``--json`` form of the CLI."""
-    last = job.last_line()
-    if len(last) > _LAST_LINE_WIDTH:
-        last = last[: _LAST_LINE_WIDTH - 1] + "…"
+def make_row(
+    *,
+    job_id: int,
+    name: str,
+    mode: str,
+    status: str,
+    elapsed: float,
+    last_output: str,
+    info: dict[str, Any],
+    where: str = "",
+) -> dict[str, Any]:
+    """A table row as a plain dict: for live jobs, jobs read back from disk, and ``--json``."""
+    if len(last_output) > _LAST_LINE_WIDTH:
+        last_output = last_output[: _LAST_LINE_WIDTH - 1] + "…"
     return {
-        "id": job.id,
-        "name": job.name,
-        "mode": job.mode,
-        # Where it runs, when that is not this kernel: a dask worker, a map's worker pool.
-        "where": str(job.info.get("worker") or job.info.get("workers") or ""),
-        "status": status_text(job),
-        "elapsed": round(job.elapsed, 3),
-        "last_output": last,
-        "info": {k: v for k, v in job.info.items() if isinstance(v, (str, int, float, bool))},
+        "id": job_id,
+        "name": name,
+        "mode": mode,
+        "where": where,
+        "status": status,
+        "elapsed": round(elapsed, 3),
+        "last_output": last_output,
+        "info": {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))},
     }
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    info = dict(job.info)  # runner threads add keys while the control thread reads
+    return make_row(
+        job_id=job.id,
+        name=job.name,
+        mode=job.mode,
+        status=status_text(job),
+        elapsed=job.elapsed,
+        last_output=job.last_line(),
+        info=info,
+        # Where it runs, when that is not this kernel: a dask worker, a map's worker pool.
+        where=str(info.get("worker") or info.get("workers") or ""),
+    )
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
     return [
         str(row["id"]),
         row["name"],
-        f"{row['mode']} @ {row['where']}" if row.get("where") else row["mode"],  # not in stored rows
+        f"{row['mode']} @ {row['where']}" if row.get("where") else row["mode"],  # older stored rows lack it
         row["status"],
         format_elapsed(row["elapsed"]),
         row["last_output"],
