@@ -389,21 +389,27 @@ def test_a_background_cell_that_fails_to_start_still_replies_and_goes_idle(pk):
     )
     fg = start_foreground(pk)
     syntax = pk.execute("%%bg\nprint('never'\nx = 1")
+    tagged = send_execute(pk, "print('never')", metadata={"tags": ["bg"]})  # no magic in between
     refused = pk.execute("%%bg\nprint('never')")
     replies = {}
-    for msg_id, ename in ((syntax, "SyntaxError"), (refused, "RuntimeError")):
+    for msg_id, ename in ((syntax, "SyntaxError"), (tagged, "RuntimeError"), (refused, "UsageError")):
         reply = replies[msg_id] = pk.reply(msg_id, timeout=4)  # hang guard: the foreground sleeps 5 s
         pk.wait_idle(msg_id, timeout=4)
         assert still_busy(pk, fg)
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == ename
+    for msg_id in (syntax, tagged):  # shown as IPython shows an error, with none of polycell's frames
         (error,) = [m for m in pk.outputs(msg_id) if m["msg_type"] == "error"]
-        assert error["content"]["ename"] == ename
-        assert error["content"]["traceback"] == reply["content"]["traceback"]
-        assert "polycell" not in "".join(error["content"]["traceback"])  # none of polycell's frames
-    assert pk.error_line(refused) == "RuntimeError: can't start new thread"
+        assert error["content"]["ename"] == replies[msg_id]["content"]["ename"]
+        assert error["content"]["traceback"] == replies[msg_id]["content"]["traceback"]
+        assert "polycell" not in "".join(error["content"]["traceback"])
     assert replies[syntax]["content"]["evalue"].startswith("'(' was never closed")
-    assert "never" not in pk.text(syntax) + pk.text(refused)
+    assert pk.error_line(tagged) == "RuntimeError: can't start new thread"
+    # The %%bg magic says the same as a one-line UsageError.
+    assert (
+        pk.error_line(refused) == "UsageError: could not start the job: RuntimeError: can't start new thread"
+    )
+    assert "never" not in pk.text(syntax) + pk.text(tagged) + pk.text(refused)
     interrupt(pk)
     pk.reply(fg)
     pk.run("del jobs.runner('thread').submit")
