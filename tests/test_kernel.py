@@ -9,6 +9,7 @@ the foreground cell, still sleeping, goes idle. No wall-clock assertions.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from kernel_session import KernelSession, Msg
-from polycell.kernel import ExecutionCounter, OutOfQueue, out_of_queue_action
+from polycell.kernel import ExecutionCounter, MainThreadQueue, OutOfQueue, out_of_queue_action
 
 ARGV = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 SLEEP = "import time\ntime.sleep(5)\nprint('foreground finished')"
@@ -102,18 +103,34 @@ def test_ipykernel_internals_polycell_relies_on():
     import ipykernel
     from ipykernel.ipkernel import IPythonKernel
     from ipykernel.kernelbase import Kernel
+    from ipykernel.shellchannel import ShellChannelThread
 
     assert ipykernel.__version__.startswith("7."), ipykernel.__version__
-    # Every shell message passes through this coroutine in the shell channel thread, first.
+    # Every shell message passes through this coroutine in the shell channel thread, first,
+    # under a lock that only serialises that thread's own coroutines (polycell's path skips it).
     assert inspect.iscoroutinefunction(Kernel.shell_channel_thread_main)
     assert list(inspect.signature(Kernel.shell_channel_thread_main).parameters) == ["self", "msg"]
     assert "self.shell_stream.on_recv(self.shell_channel_thread_main" in inspect.getsource(Kernel.start)
+    routing = inspect.getsource(Kernel.shell_channel_thread_main)
+    assert "async with self.shell_channel_thread.asyncio_lock:" in routing
+    assert "socket.send_multipart(msg, copy=False)" in routing  # forwarded as received
+    assert "self.asyncio_lock = asyncio.Lock()" in inspect.getsource(ShellChannelThread.__init__)
+    # The main thread begins every queued request, run or aborted, in dispatch_shell, under its lock.
+    assert inspect.iscoroutinefunction(Kernel.dispatch_shell)
+    parameters = inspect.signature(Kernel.dispatch_shell).parameters
+    assert list(parameters) == ["self", "msg", "subshell_id", "concurrent"]
+    assert parameters["msg"].kind is inspect.Parameter.POSITIONAL_ONLY
+    assert parameters["concurrent"].kind is inspect.Parameter.KEYWORD_ONLY
+    shell_main = inspect.getsource(Kernel.shell_main)
+    assert "await self.dispatch_shell(msg, subshell_id=subshell_id)" in shell_main
+    dispatch = inspect.getsource(Kernel.dispatch_shell)
+    assert dispatch.index("self._send_abort_reply(") < dispatch.index("handler(stream, idents, msg)")
     # The per-context parent that get_parent("shell") and raw_input read.
     assert {"_shell_parent", "_shell_parent_ident"} <= set(Kernel.__annotations__)
     source = inspect.getsource(Kernel.raw_input)
     assert "self._shell_parent_ident" in source and 'self.get_parent("shell")' in source
-    for name in ("_publish_status", "_publish_execute_input", "_input_request", "_send_interrupt_children",
-                 "_process_children", "_get_shell_context_var"):  # fmt: skip
+    for name in ("_publish_status", "_publish_execute_input", "_input_request", "_process_children",
+                 "_get_shell_context_var", "_topic"):  # fmt: skip
         assert callable(getattr(Kernel, name)), name
     assert list(inspect.signature(Kernel._input_request).parameters) == [
         "self",
@@ -122,9 +139,64 @@ def test_ipykernel_internals_polycell_relies_on():
         "parent",
         "password",
     ]
+    # Input forwarding: the methods do_execute calls, and the attributes they keep.
     for name in ("_forward_input", "_restore_input"):
         assert callable(getattr(IPythonKernel, name)), name
     assert "self._forward_input(allow_stdin)" in inspect.getsource(IPythonKernel.do_execute)
+    forward = inspect.getsource(IPythonKernel._forward_input)
+    for attribute in ("self._allow_stdin = allow_stdin", "self._sys_raw_input = builtins.input",
+                      "self._save_getpass = getpass.getpass"):  # fmt: skip
+        assert attribute in forward, attribute
+    restore = inspect.getsource(IPythonKernel._restore_input)
+    assert "builtins.input = self._sys_raw_input" in restore
+    assert "getpass.getpass = self._save_getpass" in restore
+    assert "self._allow_stdin" in inspect.getsource(Kernel.raw_input)
+    # No interrupt override: ipykernel signals only its own process group (jobs lead their own).
+    assert "os.killpg(pgid, SIGINT)" in inspect.getsource(Kernel._send_interrupt_children)
+
+
+def test_peek_reads_the_wire_frames_polycell_expects():
+    """`_peek` and `_signed` read ``feed_identities``' frames by position (the wire protocol's)."""
+    import types
+
+    import zmq
+    from jupyter_client.session import Session
+
+    from polycell.kernel import _Ipykernel74
+
+    session = Session(key=b"secret")
+    msg = session.msg("execute_request", {"code": "%%bg\n1"}, metadata={"tags": ["bg"]})
+    wire = [zmq.Frame(part) for part in session.serialize(msg, ident=[b"client"])]
+    idents, frames = session.feed_identities(wire, copy=False)
+    fake = types.SimpleNamespace(session=session)
+    header, metadata, content = _Ipykernel74._peek(fake, frames)  # type: ignore[arg-type]
+    assert idents == [b"client"]
+    assert (header["msg_id"], header["msg_type"]) == (msg["header"]["msg_id"], "execute_request")
+    assert metadata == {"tags": ["bg"]}
+    assert content == {"code": "%%bg\n1"}
+    assert _Ipykernel74._signed(fake, frames)  # type: ignore[arg-type]
+    forged = [frames[0], zmq.Frame(session.pack({**header, "msg_id": "forged"})), *frames[2:]]
+    assert not _Ipykernel74._signed(fake, forged)  # type: ignore[arg-type]
+    # ipykernel's own deserialize agrees on both.
+    assert (
+        session.deserialize(list(frames), content=False, copy=False)["header"]["msg_id"] == header["msg_id"]
+    )
+    with pytest.raises(ValueError, match="Invalid Signature"):
+        session.deserialize(list(forged), content=False, copy=False)
+
+
+def test_main_thread_queue_counts_each_request_until_it_starts():
+    queue = MainThreadQueue()
+    assert len(queue) == 0
+    queue.handed("a")
+    queue.handed("b")
+    queue.handed("a")  # the same msg_id twice (a replay) counts twice
+    assert len(queue) == 3
+    queue.started("a")
+    queue.started("b")
+    assert len(queue) == 1
+    queue.started("a")
+    assert len(queue) == 0
 
 
 def test_the_kernel_intercepts_in_the_shell_channel_thread(pk):
@@ -307,6 +379,125 @@ def test_bad_background_requests_give_one_line_and_the_kernel_goes_on(pk):
     assert pk.run("1 + 1")["content"]["status"] == "ok"
 
 
+def test_a_background_cell_that_fails_to_start_still_replies_and_goes_idle(pk):
+    """Whatever fails while a cell leaves the queue, its cell gets an error reply and idle."""
+    pk.run(  # the thread runner cannot start threads any more (as when the OS refuses one)
+        "from polycell import jobs\n"
+        "def _refuse(job, body):\n"
+        '    raise RuntimeError("can\'t start new thread")\n'
+        "jobs.runner('thread').submit = _refuse"
+    )
+    fg = start_foreground(pk)
+    syntax = pk.execute("%%bg\nprint('never'\nx = 1")
+    tagged = send_execute(pk, "print('never')", metadata={"tags": ["bg"]})  # no magic in between
+    refused = pk.execute("%%bg\nprint('never')")
+    replies = {}
+    for msg_id, ename in ((syntax, "SyntaxError"), (tagged, "RuntimeError"), (refused, "UsageError")):
+        reply = replies[msg_id] = pk.reply(msg_id, timeout=4)  # hang guard: the foreground sleeps 5 s
+        pk.wait_idle(msg_id, timeout=4)
+        assert still_busy(pk, fg)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == ename
+    for msg_id in (syntax, tagged):  # shown as IPython shows an error, with none of polycell's frames
+        (error,) = [m for m in pk.outputs(msg_id) if m["msg_type"] == "error"]
+        assert error["content"]["ename"] == replies[msg_id]["content"]["ename"]
+        assert error["content"]["traceback"] == replies[msg_id]["content"]["traceback"]
+        assert "polycell" not in "".join(error["content"]["traceback"])
+    assert replies[syntax]["content"]["evalue"].startswith("'(' was never closed")
+    assert pk.error_line(tagged) == "RuntimeError: can't start new thread"
+    # The %%bg magic says the same as a one-line UsageError.
+    assert (
+        pk.error_line(refused) == "UsageError: could not start the job: RuntimeError: can't start new thread"
+    )
+    assert "never" not in pk.text(syntax) + pk.text(tagged) + pk.text(refused)
+    interrupt(pk)
+    pk.reply(fg)
+    pk.run("del jobs.runner('thread').submit")
+    ok = pk.execute("%%bg\nprint('threads again')")
+    pk.wait_job_end(job_of(pk, ok))
+    assert pk.text(ok) == "threads again\n"
+
+
+def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk):
+    """A %%bg cell waits for the cells queued before it; only a running cell is overtaken."""
+    sleeping = pk.execute("import time\ntime.sleep(3)")
+    define = pk.execute("x = 41")  # queued behind the sleep
+    bg = send_execute(pk, "%%bg\nprint(x + 1)", user_expressions={"y": "x"})
+    job = job_of(pk, bg)
+    pk.wait_job_end(job)
+    assert pk.text(bg) == "42\n"
+    assert pk.eval(f"jobs[{job}].status.value") == "done"
+    assert idle_index(pk, sleeping) < idle_index(pk, define) < idle_index(pk, bg)
+    assert pk.reply(bg)["content"]["status"] == "ok"
+    # The queue is empty again: the next %%bg overtakes a running cell, and its reply
+    # carries no user_expressions (they are user code; the main thread is running).
+    fg = start_foreground(pk)
+    bg = send_execute(pk, "%%bg\nprint(x + 2)", user_expressions={"y": "x"})
+    reply = pk.reply(bg, timeout=4)
+    assert reply["content"]["user_expressions"] == {}
+    pk.wait_job_end(job_of(pk, bg), timeout=4)
+    assert still_busy(pk, fg)
+    assert pk.text(bg) == "43\n"
+    interrupt(pk)
+    pk.reply(fg)
+
+
+def test_run_all_aborts_a_bg_cell_queued_below_a_failing_cell(pk):
+    pk.execute("import time\ntime.sleep(2)")
+    failing = pk.execute("1 / 0")  # queued; stop_on_error aborts what is queued after it
+    bg = pk.execute("%%bg\nprint('must not run')")
+    assert pk.reply(failing)["content"]["ename"] == "ZeroDivisionError"
+    assert pk.reply(bg)["content"]["status"] == "aborted"
+    pk.wait_idle(bg)
+    assert pk.eval("len(jobs)") == 0
+    assert pk.text(bg) == ""
+
+
+def test_kill_waits_off_the_shell_channel_thread(pk):
+    """While ``%job kill`` waits for its job, other requests are routed (here: the one it waits for)."""
+    bg = pk.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
+    job = job_of(pk, bg)
+    pk.run(  # the kill blocks until a later background cell opens the gate
+        "import threading\n"
+        "from polycell import jobs\n"
+        "gate = threading.Event()\n"
+        f"_kill = jobs[{job}].kill\n"
+        f"jobs[{job}].kill = lambda *a, **k: (gate.wait(30), _kill(*a, **k))[1]"
+    )
+    fg = start_foreground(pk)
+    kill = pk.execute(f"%job kill {job}")
+    opener = pk.execute("%%bg\ngate.set()")
+    pk.wait_job_end(job_of(pk, opener), timeout=10)  # hang guard: a blocked thread would wait 30 s
+    assert pk.reply(kill, timeout=10)["content"]["status"] == "ok"
+    pk.wait_idle(kill)
+    assert pk.text(kill) == f"job {job} killed\n"
+    assert still_busy(pk, fg)
+    interrupt(pk)
+    pk.reply(fg)
+
+
+def test_interrupt_reaches_neither_process_jobs_nor_map_workers(pk):
+    pk.run("import time\ndef nap(x):\n    time.sleep(0.3)\n    return x")
+    bg = pk.execute(
+        "%%bg --mode process\nimport time\nfor i in range(10):\n    print(i, flush=True)\n    time.sleep(0.2)"
+    )
+    job = job_of(pk, bg)
+    mapped = pk.execute("j = jobs.map(nap, range(6), workers=2, mode='process', chunksize=1)")
+    map_job = job_of(pk, mapped)
+    fg = start_foreground(pk, "import time\ntime.sleep(30)")
+    pk.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
+    assert interrupt(pk)["content"]["status"] == "ok"
+    assert pk.reply(fg, timeout=10)["content"]["ename"] == "KeyboardInterrupt"
+    pk.wait_job_end(job)
+    pk.wait_job_end(map_job)
+    assert pk.eval(f"(jobs[{job}].status.value, j.status.value, j.result)") == (
+        "done",
+        "done",
+        list(range(6)),
+    )
+    assert pk.text(bg).startswith("".join(f"{i}\n" for i in range(10)))
+
+
 # -- input() in a job ---------------------------------------------------------------------------
 
 
@@ -419,12 +610,16 @@ def test_shutdown_and_restart_end_every_job_and_say_so(restart):
                 lambda m, job=job, msg_id=msg_id: (
                     m["msg_type"] == "stream"
                     and m["parent_header"].get("msg_id") == msg_id
-                    and f"[job {job} killed: {reason}]" in m["content"]["text"]
+                    and f"[job {job} killed after" in m["content"]["text"]
                 ),
                 timeout=10,
             )
             k.wait_job_end(job, timeout=10)
         assert old.wait(timeout=10) is not None  # the old kernel process is gone
+        for job, msg_id in zip(jobs, (thread, task), strict=True):
+            # One line says it all, once: how long the job ran and why it was killed.
+            (line,) = [line for line in k.text(msg_id, "stderr").splitlines() if "killed" in line]
+            assert re.fullmatch(rf"\[job {job} killed after \d+\.\d\ds: {reason}\]", line), line
     finally:
         _stop_client(k)
         if k.km.has_kernel:

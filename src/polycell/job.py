@@ -110,6 +110,7 @@ class Job:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.kill_requested = False
+        self._kill_reason: str | None = None
         self._state = JobState.PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
@@ -164,8 +165,10 @@ class Job:
             pass
         return self.done
 
-    def kill(self, timeout: float = 0.5) -> KillOutcome:
+    def kill(self, timeout: float = 0.5, reason: str | None = None) -> KillOutcome:
         """Stop the job; wait up to `timeout` seconds to see it end.
+
+        `reason`, if given, ends the job's ``[job N killed after 1.20s: reason]`` line.
 
         Returns `KillOutcome.STILL_BLOCKED` when the runner asked the job to stop
         but it did not end in time (a thread stuck in C code, a dask task that
@@ -175,6 +178,7 @@ class Job:
             if self._state.ended:
                 return KillOutcome.ALREADY_ENDED
             self.kill_requested = True
+            self._kill_reason = reason or self._kill_reason
         if self.runner is None:
             self._set_killed()
             return KillOutcome.KILLED
@@ -227,7 +231,8 @@ class Job:
             if self.started_at is None:
                 self.started_at = now
         if state is JobState.KILLED:
-            self.journal.write("stderr", f"[job {self.id} killed after {self.elapsed:.2f}s]\n")
+            why = f": {self._kill_reason}" if self._kill_reason else ""
+            self.journal.write("stderr", f"[job {self.id} killed after {self.elapsed:.2f}s{why}]\n")
         self.journal.close()
         self._notify()
         if exception is None:

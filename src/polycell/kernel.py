@@ -13,12 +13,20 @@ and the request's metadata):
   request's ``metadata.tags``), or whose metadata says ``{"polycell": {"mode": M}}``;
 * the job queries that never block: one-line ``%jobs``, ``%job kill N``, ``%job show N``.
 
-Such a request gets what any request gets, with its own parent header: status
-busy, ``execute_input`` with an execution count, the job's handle, its
-``execute_reply``, status idle. Everything else queues for the main thread
-exactly as in ipykernel. The kernel also loads the polycell extension itself,
-keeps interrupts away from background jobs, ends every job on shutdown, and
-lets ``input()``/``getpass()`` in a job prompt in the job's own cell.
+It leaves the queue only if no earlier cell is still waiting for the main
+thread (`MainThreadQueue`): otherwise it queues behind them, so "Run All" starts
+it after the cells above it have started. Such a request gets what any request
+gets, with its own parent header: status busy, ``execute_input`` with an
+execution count, the job's handle, its ``execute_reply`` (an error reply, and
+the error shown in the cell, if anything fails) and status idle. Everything
+else queues for the main thread exactly as in ipykernel. The kernel also loads
+the polycell extension itself, ends every job on shutdown, and lets
+``input()``/``getpass()`` in a job prompt in the job's own cell.
+
+What still runs on the shell channel thread, and holds up the routing of other
+shell messages while it does: starting a job, which for ``--mode dask`` may
+mean connecting to the cluster and cloudpickling the cell's inputs. ``%job kill``
+waits for the job in a thread of its own.
 
 All reaching into ipykernel internals is in `_Ipykernel74`, below.
 """
@@ -28,23 +36,25 @@ from __future__ import annotations
 import builtins
 import contextvars
 import getpass
-import os
 import re
-import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from hmac import compare_digest
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
 from IPython.core.error import StdinNotImplementedError, UsageError
+from tornado.ioloop import IOLoop
 
 from polycell.job import JobError, current_job
 from polycell.job_table import jobs
 
-__all__ = ["OutOfQueue", "PolycellKernel", "out_of_queue_action"]
+__all__ = ["MainThreadQueue", "OutOfQueue", "PolycellKernel", "out_of_queue_action"]
 
 #: Whether the front end that sent the request that started a job accepts
 #: ``input_request``s (the request's ``allow_stdin``). A job's context is copied
@@ -168,6 +178,53 @@ class ExecutionCounter:
             return count
 
 
+# -- the main thread's queue ----------------------------------------------------------------
+
+
+class MainThreadQueue:
+    """The execute requests handed to the main thread that it has not started yet.
+
+    How ipykernel 7.4 queues a shell message for the main thread: the shell
+    channel thread receives it (``shell_channel_thread_main``) and forwards the
+    raw frames over an inproc ZMQ pair socket; the main thread's event loop reads
+    that socket (``shell_main``), waits for ``_main_asyncio_lock`` (one request
+    at a time) and only then calls ``dispatch_shell``, which runs the request, or
+    aborts it after an earlier cell failed (``stop_on_error``), also there. So a
+    request waits from the moment the shell channel thread forwards it until
+    ``dispatch_shell`` begins with it, wherever it sits meanwhile (socket buffer,
+    stream, lock). `PolycellKernel` marks those two moments, `handed` and
+    `started`, and nothing else counts.
+
+    A request leaves the queue only while this is empty: in "Run All", a ``%%bg``
+    cell below ``x = 41`` must not start before ``x = 41`` has (a *running*
+    foreground cell is no reason to wait: that is the point of the kernel).
+    Silent requests (what front ends send for variable viewers) and requests for
+    a subshell are not counted: they run no notebook cell on the main thread.
+    Kept by msg_id (a multiset), so a request counts once however often it is seen.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: Counter[str] = Counter()
+
+    def handed(self, msg_id: str) -> None:
+        """The shell channel thread forwarded `msg_id` to the main thread."""
+        with self._lock:
+            self._waiting[msg_id] += 1
+
+    def started(self, msg_id: str) -> None:
+        """The main thread began `msg_id` (to run it or to abort it)."""
+        with self._lock:
+            if self._waiting[msg_id] > 1:
+                self._waiting[msg_id] -= 1
+            else:
+                del self._waiting[msg_id]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(self._waiting.values())
+
+
 # -- the kernel -----------------------------------------------------------------------------
 
 
@@ -179,14 +236,26 @@ class _Ipykernel74(IPythonKernel):
 
     * ``shell_channel_thread_main(msg)``: the coroutine the shell channel thread
       runs for every message arriving on the shell socket, before it is queued
-      for the main thread (or a subshell). This is the interception point.
+      for the main thread (or a subshell). This is the interception point. It
+      holds ``shell_channel_thread.asyncio_lock`` while it routes a message; a
+      request taken out of the queue skips that lock, which is safe because
+      everything here runs synchronously on that same thread's event loop (no
+      ``await`` between looking at a message and answering it), so it cannot
+      interleave with ipykernel's routing of another message.
+    * ``dispatch_shell(msg, /, subshell_id, *, concurrent)``: where the main
+      thread begins a queued request, run or aborted (see `MainThreadQueue`).
     * ``_shell_parent`` / ``_shell_parent_ident``: the context variables that
       ``get_parent("shell")`` and ``raw_input`` read. ``set_parent`` sets them
       too, but also resets the kernel-wide fallbacks, which must keep pointing
       at the foreground cell; so they are set directly, in a copied context.
-    * ``_publish_status``, ``_publish_execute_input``, ``_input_request``,
-      ``_forward_input``/``_restore_input``, ``_send_interrupt_children``,
-      ``_process_children``: the kernel's own helpers, reused as ipykernel uses them.
+    * ``_publish_status``, ``_publish_execute_input``, ``_topic``,
+      ``_input_request``, ``_get_shell_context_var``: the kernel's own helpers,
+      reused as ipykernel uses them.
+    * ``_forward_input(allow_stdin)`` / ``_restore_input()``, called by
+      ``do_execute`` around every cell, and the attributes they keep:
+      ``_allow_stdin`` (read by ``raw_input``/``getpass``), ``_sys_raw_input``
+      and ``_save_getpass`` (the originals that ``_restore_input`` puts back).
+      polycell overrides both to keep input forwarded between cells.
     """
 
     def _set_request_parent(self, idents: list[bytes], msg: dict[str, Any]) -> None:
@@ -196,9 +265,25 @@ class _Ipykernel74(IPythonKernel):
         self.shell.set_thread_parent(msg)
 
     def _peek(self, frames: list[Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Header, metadata and content of a raw message, unverified (a cheap look)."""
+        """Header, metadata and content of a raw message, unverified (a cheap look).
+
+        `frames` is what ``session.feed_identities`` leaves: the Jupyter wire
+        protocol's ``[signature, header, parent_header, metadata, content, *buffers]``
+        as ``zmq.Frame`` objects (ipykernel 7.4 receives shell messages with
+        ``copy=False``).
+        """
         unpack = self.session.unpack
         return unpack(frames[1].bytes), unpack(frames[3].bytes), unpack(frames[4].bytes)
+
+    def _signed(self, frames: list[Any]) -> bool:
+        """Whether ipykernel will accept the message: its HMAC signature checks (as deserialize does)."""
+        if self.session.auth is None:
+            return True
+        return compare_digest(frames[0].bytes, self.session.sign([f.bytes for f in frames[1:5]]))
+
+    def _publish_error(self, content: dict[str, Any], parent: dict[str, Any]) -> None:
+        """An ``error`` message on iopub, as ipykernel's shell sends for a failed cell."""
+        self.session.send(self.iopub_socket, "error", content, parent=parent, ident=self._topic("error"))
 
 
 class PolycellKernel(_Ipykernel74):
@@ -207,6 +292,7 @@ class PolycellKernel(_Ipykernel74):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.counter = ExecutionCounter(self.shell)
+        self.main_queue = MainThreadQueue()
         self._stdin_lock = threading.Lock()
         self._forward_input(False)  # so a job started before any foreground cell can ask too
         try:
@@ -225,30 +311,75 @@ class PolycellKernel(_Ipykernel74):
 
     async def shell_channel_thread_main(self, msg: list[Any]) -> None:
         """Start background cells here and now; queue everything else as ipykernel does."""
-        taken = self._take_out_of_queue(msg)
-        if not taken:
-            await super().shell_channel_thread_main(msg)
+        request = self._look(msg)
+        if request is not None:
+            idents, frames, header, metadata, content = request
+            if self._take_out_of_queue(idents, frames, header, metadata, content):
+                return
+            if header.get("subshell_id") is None and not content.get("silent") and self._signed(frames):
+                self.main_queue.handed(str(header.get("msg_id")))
+        await super().shell_channel_thread_main(msg)
 
-    def _take_out_of_queue(self, msg: list[Any]) -> bool:
-        if self.session is None or self.polycell is None:
-            return False
+    async def dispatch_shell(
+        self, msg: list[Any], /, subshell_id: str | None = None, *, concurrent: bool = False
+    ) -> None:
+        """As ipykernel; first mark a queued execute request as begun (`MainThreadQueue`)."""
+        if subshell_id is None and not concurrent and len(msg) > 1 and len(self.main_queue):
+            try:
+                _, frames = self.session.feed_identities(msg, copy=False)
+                header = self.session.unpack(frames[1].bytes)
+            except Exception:  # noqa: BLE001 - ipykernel reports the malformed message
+                header = {}
+            if header.get("msg_type") == "execute_request":
+                self.main_queue.started(str(header.get("msg_id")))
+        await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+
+    def _look(self, msg: list[Any]) -> tuple[list[bytes], list[Any], dict, dict, dict] | None:
+        """An execute request's idents, frames, header, metadata and content; None for others."""
+        if self.session is None:
+            return None
         try:
             idents, frames = self.session.feed_identities(msg, copy=False)
             header, metadata, content = self._peek(frames)
         except Exception:  # noqa: BLE001 - a malformed message is ipykernel's to report
+            return None
+        if header.get("msg_type") != "execute_request":
+            return None
+        return idents, frames, header, metadata or {}, content
+
+    def _take_out_of_queue(
+        self,
+        idents: list[bytes],
+        frames: list[Any],
+        header: dict[str, Any],
+        metadata: dict[str, Any],
+        content: dict[str, Any],
+    ) -> bool:
+        if self.polycell is None or content.get("silent") or header.get("subshell_id") is not None:
             return False
-        if header.get("msg_type") != "execute_request" or content.get("silent"):
-            return False
-        action = out_of_queue_action(str(content.get("code", "")), metadata or {})
+        action = out_of_queue_action(str(content.get("code", "")), metadata)
         if action is None or not self._is_polycell_magic(action):
             return False
+        if len(self.main_queue):
+            return False  # an earlier cell still waits for the main thread: go after it
         try:
             # The full deserialize checks the signature and records it against replays.
             request = self.session.deserialize(frames, content=True, copy=False)
         except Exception:
             self.log.error("polycell: invalid message", exc_info=True)
             return True
-        self._run_out_of_queue(idents, request, action)
+        if _waits_for_a_job(action):
+            # Up to half a second: done in a thread of its own, so that the shell
+            # channel thread goes on routing every other message meanwhile.
+            loop = IOLoop.current()
+            threading.Thread(
+                target=self._run_out_of_queue,
+                args=(idents, request, action, partial(loop.add_callback, self._send_reply)),
+                name="polycell-job-kill",
+                daemon=True,
+            ).start()
+        else:
+            self._run_out_of_queue(idents, request, action, self._send_reply)
         return True
 
     def _is_polycell_magic(self, action: OutOfQueue) -> bool:
@@ -260,50 +391,107 @@ class PolycellKernel(_Ipykernel74):
         find = self.shell.find_cell_magic if action.kind == "cell_magic" else self.shell.find_line_magic
         return isinstance(getattr(find(action.magic), "__self__", None), PolycellMagics)
 
-    def _run_out_of_queue(self, idents: list[bytes], request: dict[str, Any], action: OutOfQueue) -> None:
-        content = request["content"]
-        code = content.get("code", "")
-        self._publish_status("busy", "shell", parent=request)
-        if content.get("store_history", True):
-            count = self.counter.reserve(code)
-        else:
-            count = self.shell.execution_count
-        self._publish_execute_input(code, request, count)
-        context = contextvars.copy_context()
-        reply = context.run(self._start_in_context, idents, request, action, count)
-        metadata = self.init_metadata(request)
-        metadata = self.finish_metadata(request, metadata, reply)
-        self.session.send(self.shell_stream, "execute_reply", reply, request, metadata=metadata, ident=idents)
-        self._publish_status("idle", "shell", parent=request)
+    def _run_out_of_queue(
+        self,
+        idents: list[bytes],
+        request: dict[str, Any],
+        action: OutOfQueue,
+        send_reply: Callable[[list[bytes], dict[str, Any], dict[str, Any]], object],
+    ) -> None:
+        """busy, execute_input, the cell's output, execute_reply, idle: whatever goes wrong.
+
+        Nothing raised here may skip the reply and the idle status: the front end
+        would show the cell busy for ever. `send_reply` sends both, on the shell
+        channel thread (a ZMQ stream is not for other threads).
+        """
+        reply: dict[str, Any] | None = None
+        try:
+            self._publish_status("busy", "shell", parent=request)
+            reply = contextvars.copy_context().run(self._start_in_context, idents, request, action)
+        except BaseException as exc:  # not even a KeyboardInterrupt may leave the cell busy
+            name = type(exc).__name__
+            reply = {
+                "status": "error",
+                "execution_count": self.shell.execution_count,
+                "ename": name,
+                "evalue": str(exc),
+                "traceback": [f"{name}: {exc}"],
+            }
+            raise
+        finally:
+            send_reply(idents, request, reply)
+
+    def _send_reply(self, idents: list[bytes], request: dict[str, Any], reply: dict[str, Any] | None) -> None:
+        try:
+            if reply is not None:
+                metadata = self.init_metadata(request)
+                metadata = self.finish_metadata(request, metadata, reply)
+                self.session.send(
+                    self.shell_stream, "execute_reply", reply, request, metadata=metadata, ident=idents
+                )
+        finally:
+            self._publish_status("idle", "shell", parent=request)
 
     def _start_in_context(
-        self, idents: list[bytes], request: dict[str, Any], action: OutOfQueue, count: int
+        self, idents: list[bytes], request: dict[str, Any], action: OutOfQueue
     ) -> dict[str, Any]:
-        """Start the job with `request` as parent of everything it sends; returns the reply content."""
-        from polycell.extension import cell_execution_count
+        """Start the job with `request` as parent of everything it sends; returns the reply content.
 
+        Any exception becomes an error reply and is shown in the cell as IPython
+        shows errors: a UsageError (or JobError) as its one line, a SyntaxError
+        as IPython shows one, anything else as ``ename: evalue`` (the frames
+        would be polycell's own, of no use to the user).
+        """
         self._set_request_parent(idents, request)
-        request_allow_stdin.set(bool(request["content"].get("allow_stdin", False)))
-        cell_execution_count.set(count)
-        reply: dict[str, Any] = {"status": "ok", "execution_count": count, "payload": []}
+        content = request["content"]
+        code = content.get("code", "")
+        request_allow_stdin.set(bool(content.get("allow_stdin", False)))
+        count = self.shell.execution_count
         try:
-            if action.kind == "cell_magic":
-                self.shell.find_cell_magic(action.magic)(action.line, action.cell)
-            elif action.kind == "line_magic":
-                self.shell.find_line_magic(action.magic)(action.line)
-            else:
-                self.polycell.run_cell(action.cell, mode=action.mode)
+            if content.get("store_history", True):
+                count = self.counter.reserve(code)
+            self._publish_execute_input(code, request, count)
+            self._start(action, count)
         except (UsageError, JobError) as exc:
             error = exc if isinstance(exc, UsageError) else UsageError(str(exc))
             self.shell.show_usage_error(error)
-            return {**reply, "status": "error", "ename": "UsageError", "evalue": str(error), "traceback": []}
+            return {"status": "error", "execution_count": count, "ename": "UsageError", "evalue": str(error),
+                    "traceback": []}  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - shown in the cell, and the cell replies
+            return {"status": "error", "execution_count": count, **self._show_error(exc, request)}
         finally:
             # As ipykernel does before a reply: what the cell printed goes out first.
             sys.stdout.flush()
             sys.stderr.flush()
-        expressions = request["content"].get("user_expressions") or {}
-        reply["user_expressions"] = self.shell.user_expressions(expressions)
-        return reply
+        # user_expressions are not evaluated here: they are arbitrary user code, and
+        # this thread runs at the same time as the main thread's cell.
+        return {"status": "ok", "execution_count": count, "payload": [], "user_expressions": {}}
+
+    def _start(self, action: OutOfQueue, count: int) -> None:
+        from polycell.extension import cell_execution_count
+
+        cell_execution_count.set(count)
+        if action.kind == "cell_magic":
+            self.shell.find_cell_magic(action.magic)(action.line, action.cell)
+        elif action.kind == "line_magic":
+            self.shell.find_line_magic(action.magic)(action.line)
+        else:
+            self.polycell.run_cell(action.cell, mode=action.mode)
+
+    def _show_error(self, exc: BaseException, request: dict[str, Any]) -> dict[str, Any]:
+        """Show `exc` in the request's cell; returns the ename/evalue/traceback of the reply."""
+        try:
+            if isinstance(exc, SyntaxError):  # as IPython's showsyntaxerror, without a stack
+                stb = self.shell.SyntaxTB.structured_traceback(type(exc), exc, [])
+            else:
+                stb = self.shell.InteractiveTB.get_exception_only(type(exc), exc)
+        except Exception:  # noqa: BLE001 - the formatter failed: the plain line will do
+            stb = [f"{type(exc).__name__}: {exc}"]
+        error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": list(stb)}
+        sys.stdout.flush()  # as ipykernel: what the cell printed comes before its error
+        sys.stderr.flush()
+        self._publish_error(error, request)
+        return error
 
     # -- the foreground ---------------------------------------------------------------------
 
@@ -376,21 +564,11 @@ class PolycellKernel(_Ipykernel74):
         with self._stdin_lock:
             return super()._input_request(prompt, ident, parent, password=password)
 
-    # -- interrupt and shutdown ------------------------------------------------------------
-
-    def _send_interrupt_children(self) -> None:
-        """SIGINT to the foreground (and the processes it started), never to a job's processes."""
-        if os.name == "nt":
-            super()._send_interrupt_children()
-            return
-        spared = set(_job_pids())
-        os.kill(os.getpid(), signal.SIGINT)
-        for child in self._process_children():
-            if child.pid not in spared:
-                try:
-                    child.send_signal(signal.SIGINT)
-                except Exception:  # noqa: BLE001 - it ended meanwhile
-                    pass
+    # -- shutdown ----------------------------------------------------------------------------
+    #
+    # No interrupt override: ipykernel 7.4's interrupt (``_send_interrupt_children``)
+    # signals the kernel's own process group, and every process polycell starts
+    # for a job (a process job's child, a map's workers) leads a group of its own.
 
     def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """End every job, saying so in its cell, before the kernel goes."""
@@ -399,30 +577,19 @@ class PolycellKernel(_Ipykernel74):
         return super().do_shutdown(restart)
 
     def end_jobs(self, reason: str) -> list[Any]:
-        for job in jobs.running():
-            job.journal.write("stderr", f"[job {job.id} killed: {reason}]\n")
-        ended = jobs.shutdown()
+        """Kill every job, each saying once in its cell ``[job N killed after 1.20s: <reason>]``."""
+        running = jobs.running()
+        for job in running:
+            job.kill(timeout=0, reason=reason)  # ask them all first; the runners' shutdown waits
+        jobs.shutdown()
         polycell = self.polycell
         if polycell is not None:
             polycell.publisher.flush(2)
-        if ended:
-            self.log.info("polycell: %d job(s) killed: %s", len(ended), reason)
-        return ended
+        if running:
+            self.log.info("polycell: %d job(s) killed: %s", len(running), reason)
+        return running
 
 
-def _job_pids() -> Iterator[int]:
-    """Processes that belong to running jobs (a process job's child and its descendants)."""
-    try:
-        import psutil
-    except ImportError:  # ipykernel finds no children without psutil either
-        psutil = None
-    for job in jobs.running():
-        pid = job.info.get("pid")
-        if not isinstance(pid, int):
-            continue
-        yield pid
-        if psutil is not None:
-            try:
-                yield from (p.pid for p in psutil.Process(pid).children(recursive=True))
-            except psutil.Error:
-                continue
+def _waits_for_a_job(action: OutOfQueue) -> bool:
+    """``%job kill N`` waits (up to 0.5 s) to see the job end, to say honestly whether it did."""
+    return action.kind == "line_magic" and action.magic == "job" and action.line.split()[:1] == ["kill"]
