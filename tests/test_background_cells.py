@@ -217,6 +217,9 @@ def test_syntax_error_fails_the_bg_cell_itself(kernel):
     reply = kernel.run("%%bg\nx = (1,")
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "SyntaxError"
+    (error,) = [m for m in kernel.outputs(reply["parent_header"]["msg_id"]) if m["msg_type"] == "error"]
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "".join(error["content"]["traceback"]))
+    assert "x = (1," in shown and "polycell" not in shown and "Traceback" not in shown
     assert kernel.eval("len(jobs)") == 0
     # A job that awaits a killed job fails (its own error), it is not "killed".
     kernel.run("%%bg --name victim\nimport time\ntime.sleep(600)")

@@ -226,3 +226,20 @@ def test_gil_switch_interval_is_short_only_while_thread_jobs_run(table):
     assert job.wait(10) and job2.wait(10)
     assert inside == pytest.approx([BUSY_SWITCH_INTERVAL, BUSY_SWITCH_INTERVAL])
     assert sys.getswitchinterval() == before
+
+
+def test_no_line_after_a_killed_sleep_runs(table):
+    # The kill's exception is pending before the sleep wakes, every time.
+    for _ in range(20):
+        started = threading.Event()
+        after: list[int] = []
+
+        def body(started=started, after=after):
+            started.set()
+            time.sleep(60)
+            after.append(1)
+
+        job = table.submit("thread", body)
+        assert started.wait(10)
+        assert job.kill(timeout=5) is KillOutcome.KILLED
+        assert job.status is JobState.KILLED and after == []

@@ -174,10 +174,14 @@ class Polycell:
                 return value
 
         self.attach(job)
-        if mode == "process":
-            self._submit_process(job, body, cell)
-        else:
-            runner.submit(job, body)
+        try:
+            if mode == "process":
+                self._submit_process(job, body, cell)
+            else:
+                runner.submit(job, body)
+        except BaseException as exc:
+            job._set_exception(exc)  # a job that could not start must not stay "pending"
+            raise
         return job
 
     def _submit_process(self, job: Job, body: Callable[[], Any], cell: CompiledCell) -> None:

@@ -26,6 +26,27 @@ if TYPE_CHECKING:
 __all__ = ["PolycellMagics"]
 
 
+class _CellSyntaxError(Exception):
+    """A background cell that does not compile, shown exactly as IPython shows a syntax error.
+
+    Raising the SyntaxError itself from the magic would make IPython show the
+    magic's own stack above it (a syntax error raised while running code gets
+    the full traceback). IPython renders an exception through its
+    ``_render_traceback_`` when it has one, and this one renders the plain
+    syntax error; the reply's ``ename`` still reads "SyntaxError".
+    """
+
+    def __init__(self, shell: Any, error: SyntaxError) -> None:
+        super().__init__(str(error))
+        self._stb = shell.SyntaxTB.structured_traceback(type(error), error, [])
+
+    def _render_traceback_(self) -> list[str]:
+        return self._stb
+
+
+_CellSyntaxError.__name__ = _CellSyntaxError.__qualname__ = "SyntaxError"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises a one-line UsageError instead of exiting."""
 
@@ -72,6 +93,8 @@ class PolycellMagics(Magics):
             self.polycell.run_cell(code, mode=mode, name=name, backend=backend)
         except JobError as exc:
             raise UsageError(str(exc)) from None
+        except SyntaxError as exc:
+            raise _CellSyntaxError(self.shell, exc) from None
         except (OSError, RuntimeError) as exc:  # no thread, no fork, no cluster: the machine said no
             raise UsageError(f"could not start the job: {type(exc).__name__}: {exc}") from None
 

@@ -9,8 +9,11 @@ combines two mechanisms:
 * A thread blocked inside ``time.sleep`` runs no bytecode until the sleep ends,
   so the async exception alone would wait. While a `ThreadRunner` exists,
   ``time.sleep`` is replaced by a function that behaves exactly like it but,
-  in a job's thread, sleeps on that job's kill event instead; a kill wakes it
+  in a job's thread, sleeps on that job's `KillSwitch` instead; a kill wakes it
   and the pending exception is raised at the next bytecode.
+
+``PyThreadState_SetAsyncExc`` is CPython's (3.10-3.13 here); the test suite
+fails if it stops stopping a loop.
 
 A thread blocked in other C code (a lock, a socket read, a long numpy call)
 cannot be stopped from outside; `Job.kill` then reports
@@ -34,7 +37,7 @@ from polycell.job import Job, JobKilled, Runner
 __all__ = ["KillSwitch", "ThreadRunner", "install_interruptible_sleep", "remove_interruptible_sleep"]
 
 _real_sleep = time.sleep
-_kill_events: dict[int, threading.Event] = {}
+_switches: dict[int, KillSwitch] = {}  # thread ident -> the switch of the code it runs
 _sleep_patch_users = 0
 _sleep_patch_lock = threading.Lock()
 
@@ -42,15 +45,15 @@ _sleep_patch_lock = threading.Lock()
 def _interruptible_sleep(seconds: float, /) -> None:
     """`time.sleep`, except that a kill of the calling job's thread wakes it."""
     __tracebackhide__ = True  # an interrupted foreground sleep shows the user's frame, not this one
-    event = _kill_events.get(threading.get_ident())
-    if event is None:
+    switch = _switches.get(threading.get_ident())
+    if switch is None:
         _real_sleep(seconds)
         return
     if not isinstance(seconds, (int, float)):
         seconds = float(seconds)  # same TypeError as time.sleep for non-numbers
     if math.isnan(seconds) or seconds < 0:
         raise ValueError("sleep length must be non-negative")
-    event.wait(seconds)
+    switch.sleep(seconds)
 
 
 def install_interruptible_sleep() -> None:
@@ -110,28 +113,33 @@ class KillSwitch:
     once, and only while the armed code may still be running, so it can never
     land in the caller's bookkeeping after that code has finished. Thread jobs,
     the thread workers of ``jobs.map`` and dask cells on a worker all use it.
+
+    A sleep in the armed code waits on `_wake`, a bare lock held until the switch
+    is pulled. `pull` schedules the exception *before* it releases that lock, so
+    the sleeper wakes with the exception already pending and runs no line of the
+    job after its sleep; and a bare lock (not a `threading.Event`) means the
+    exception lands in `_interruptible_sleep` itself, never half-way through the
+    Python code of a condition variable.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.kill_event = threading.Event()
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self.pulled = False
         self.ident: int | None = None
         self.in_user_code = False
         self.exception_sent = False
-
-    @property
-    def pulled(self) -> bool:
-        return self.kill_event.is_set()
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
         """Run the body killable from outside; raises `JobKilled` at once if already pulled."""
         ident = self.ident = threading.get_ident()
-        _kill_events[ident] = self.kill_event
+        _switches[ident] = self
         _enter_busy()
         try:
             with self.lock:
-                if self.kill_event.is_set():
+                if self.pulled:
                     raise JobKilled
                 self.in_user_code = True
             try:
@@ -143,20 +151,27 @@ class KillSwitch:
                         _raise_in_thread(ident, None)
         finally:
             _leave_busy()
-            _kill_events.pop(ident, None)
+            _switches.pop(ident, None)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to `seconds`, or until the switch is pulled (then at once, every time)."""
+        if self._wake.acquire(timeout=seconds):
+            self._wake.release()  # pulled: let every later sleep return at once too
 
     def pull(self) -> bool:
-        """Stop the armed code: wake its `time.sleep`, raise `JobKilled` at its next bytecode.
+        """Stop the armed code: raise `JobKilled` at its next bytecode, and wake its sleep.
 
         True if the exception was sent now (the code was running and had not been sent one).
         """
-        self.kill_event.set()
         with self.lock:
+            sent = False
             if self.in_user_code and not self.exception_sent and self.ident is not None:
-                self.exception_sent = True
+                self.exception_sent = sent = True
                 _raise_in_thread(self.ident, JobKilled)
-                return True
-            return False
+            if not self.pulled:
+                self.pulled = True
+                self._wake.release()
+            return sent
 
 
 class ThreadRunner(Runner):
@@ -190,7 +205,7 @@ class ThreadRunner(Runner):
                 return
             job.info["thread"] = threading.current_thread().name
             if job.kill_requested:
-                switch.kill_event.set()
+                switch.pull()
             try:
                 with switch.armed():
                     value = body()
