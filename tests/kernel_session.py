@@ -167,6 +167,18 @@ class KernelSession:
             if m["msg_type"] == "stream" and (name is None or m["content"]["name"] == name)
         )
 
+    def job_id(self, msg_id: str, timeout: float = 30) -> int:
+        """The id of the job the cell `msg_id` started, read from the handle shown in that cell."""
+        handle = self.wait_for(
+            lambda m: (
+                m["msg_type"] == "display_data"
+                and m["parent_header"].get("msg_id") == msg_id
+                and "polycell-handle" in m["content"]["data"].get("text/html", "")
+            ),
+            timeout,
+        )
+        return int(handle["content"]["data"]["text/plain"].split()[2])
+
     def job_messages(self, job_id: int) -> list[Msg]:
         with self._cond:
             return [

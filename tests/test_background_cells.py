@@ -5,20 +5,6 @@ from __future__ import annotations
 import re
 import time
 
-from kernel_session import KernelSession
-
-
-def _job_id(kernel: KernelSession, msg_id: str) -> int:
-    """The id of the job a %%bg cell started, read from its handle."""
-    handle = kernel.wait_for(
-        lambda m: (
-            m["msg_type"] == "display_data"
-            and m["parent_header"].get("msg_id") == msg_id
-            and "polycell-handle" in m["content"]["data"].get("text/html", "")
-        )
-    )
-    return int(handle["content"]["data"]["text/plain"].split()[2])
-
 
 def test_output_lands_in_the_cell_that_started_the_job(kernel):
     bg = kernel.execute(
@@ -27,7 +13,7 @@ def test_output_lands_in_the_cell_that_started_the_job(kernel):
     )
     reply = kernel.reply(bg)
     assert reply["content"]["status"] == "ok"
-    job = _job_id(kernel, bg)
+    job = kernel.job_id(bg)
     # Foreground cells run while the job prints; none of their output is the job's.
     fg1 = kernel.run("print('foreground one')")
     fg2 = kernel.run("import time; time.sleep(0.3); print('foreground two')")
@@ -53,7 +39,7 @@ def test_bg_returns_at_once_while_job_runs(kernel):
     kernel.reply(msg_id)
     kernel.wait_idle(msg_id)
     assert time.monotonic() - t0 < 10  # generous: only guards against the cell blocking for 30 s
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     assert kernel.eval(f"jobs[{job}].status.value") == "running"
     kernel.run(f"%job kill {job}")
     kernel.wait_job_end(job)
@@ -69,7 +55,7 @@ def test_display_rich_reprs_and_matplotlib_go_to_the_job_cell(kernel):
         "fig, ax = plt.subplots(); ax.plot([1, 2, 3]); plt.show()\n"
         "import sys; print('to stderr', file=sys.stderr)"
     )
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     outputs = kernel.outputs(msg_id)
     displays = [m for m in outputs if m["msg_type"] == "display_data" and m["metadata"].get("polycell")]
@@ -81,7 +67,7 @@ def test_display_rich_reprs_and_matplotlib_go_to_the_job_cell(kernel):
 
 def test_uncaught_exception_is_shown_with_ipython_traceback(kernel):
     msg_id = kernel.execute("%%bg\ndef f():\n    raise ValueError('bad value')\nf()")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     errors = [m for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
     assert len(errors) == 1
@@ -98,7 +84,7 @@ def test_async_cell_runs_as_task_during_blocking_foreground(kernel):
     bg = kernel.execute(
         "%%bg\nimport asyncio\nfor i in range(4):\n    print('async', i)\n    await asyncio.sleep(0.2)"
     )
-    job = _job_id(kernel, bg)
+    job = kernel.job_id(bg)
     fg = kernel.execute("import time; time.sleep(3)")
     # All four lines arrive while the foreground cell is still sleeping.
     kernel.wait_for(lambda m: m["msg_type"] == "stream" and "async 3" in m["content"]["text"], timeout=30)
@@ -119,7 +105,7 @@ def test_line_magic_and_modes(kernel):
     kernel.run("import time")
     one = kernel.execute("%bg --name one print('line job')")
     two = kernel.execute("%bg --mode task print('forced task')")
-    j1, j2 = _job_id(kernel, one), _job_id(kernel, two)
+    j1, j2 = kernel.job_id(one), kernel.job_id(two)
     kernel.wait_job_end(j1)
     kernel.wait_job_end(j2)
     assert kernel.text(one) == "line job\n"
@@ -130,7 +116,7 @@ def test_line_magic_and_modes(kernel):
 def test_kill_thread_in_sleep_and_task(kernel):
     a = kernel.execute("%%bg\nimport time\nprint('sleeping')\ntime.sleep(600)")
     b = kernel.execute("%%bg\nimport asyncio\nawait asyncio.sleep(600)")
-    ja, jb = _job_id(kernel, a), _job_id(kernel, b)
+    ja, jb = kernel.job_id(a), kernel.job_id(b)
     kernel.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "sleeping\n")
     kill_a = kernel.run(f"%job kill {ja}")
     assert kernel.text(kill_a["parent_header"]["msg_id"]) == f"job {ja} killed\n"
@@ -146,7 +132,7 @@ def test_kill_thread_in_sleep_and_task(kernel):
 
 def test_interrupt_stops_only_the_foreground(kernel):
     bg = kernel.execute("%%bg\nimport time\nfor i in range(20):\n    print(i)\n    time.sleep(0.1)")
-    job = _job_id(kernel, bg)
+    job = kernel.job_id(bg)
     fg = kernel.start_foreground("import time\ntime.sleep(60)")
     kernel.km.interrupt_kernel()
     reply = kernel.reply(fg, timeout=30)
@@ -158,7 +144,7 @@ def test_interrupt_stops_only_the_foreground(kernel):
 
 def test_wait_and_jobs_table(kernel):
     bg = kernel.execute("%%bg --name waiter\nimport time\ntime.sleep(0.3)\n7 * 6")
-    job = _job_id(kernel, bg)
+    job = kernel.job_id(bg)
     wait = kernel.run(f"%job wait {job} --timeout 30")
     results = [
         m for m in kernel.outputs(wait["parent_header"]["msg_id"]) if m["msg_type"] == "execute_result"
@@ -194,7 +180,7 @@ def test_bad_input_gives_one_line(kernel):
 
 def test_job_output_during_heavy_printing_is_complete_and_in_order(kernel):
     bg = kernel.execute("%%bg\nfor i in range(20000):\n    print(i)")
-    job = _job_id(kernel, bg)
+    job = kernel.job_id(bg)
     kernel.wait_job_end(job, timeout=120)
     assert kernel.text(bg) == "".join(f"{i}\n" for i in range(20000))
     assert len(kernel.outputs(bg)) < 2000  # merged, not one message per line
@@ -205,7 +191,7 @@ def test_threads_a_job_starts_print_into_the_job_cell(kernel):
         "%%bg --name spawner\nimport threading\n"
         "t = threading.Thread(target=lambda: print('from a thread of the job'))\nt.start()\nt.join()"
     )
-    job = _job_id(kernel, bg)
+    job = kernel.job_id(bg)
     kernel.wait_job_end(job)
     kernel.run("import threading\nthreading.Thread(target=lambda: print('foreground thread')).start()")
     assert kernel.text(bg) == "from a thread of the job\n"

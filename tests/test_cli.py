@@ -18,7 +18,6 @@ import pytest
 from kernel_session import KernelSession, kernel_env
 from polycell.cli import main
 from polycell.journal_store import read_job
-from test_background_cells import _job_id
 
 
 def polycell(*args: str, runtime: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -90,7 +89,7 @@ def test_ipykernel_control_dispatch_is_where_we_reach():
 def test_jobs_kill_and_tail_answer_while_the_main_thread_sleeps(rt_kernel, runtime):
     kernel = rt_kernel
     started = kernel.execute("%%bg --name sleeper\nimport time\nprint('started')\ntime.sleep(120)")
-    job = _job_id(kernel, started)
+    job = kernel.job_id(started)
     kernel.wait_for(lambda m: m["parent_header"].get("msg_id") == started and m["msg_type"] == "stream")
     foreground = kernel.start_foreground("import time\ntime.sleep(60)")
 
@@ -131,7 +130,7 @@ def test_tail_replays_then_follows_until_the_job_ends(rt_kernel, runtime):
         "from IPython.display import display; display({'text/plain': 'a rich output'}, raw=True)\n"
         "1 / 0"
     )
-    job = _job_id(kernel, started)
+    job = kernel.job_id(started)
     env = {**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}
     with subprocess.Popen(
         [sys.executable, "-m", "polycell.cli", "tail", str(job)],
@@ -154,7 +153,7 @@ def test_tail_replays_then_follows_until_the_job_ends(rt_kernel, runtime):
 
 def test_ctrl_c_detaches_tail_and_the_job_keeps_running(rt_kernel, runtime):
     kernel = rt_kernel
-    job = _job_id(kernel, kernel.execute("%%bg\nimport time\nprint('up')\ntime.sleep(120)"))
+    job = kernel.job_id(kernel.execute("%%bg\nimport time\nprint('up')\ntime.sleep(120)"))
     env = {**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}
     with subprocess.Popen(
         [sys.executable, "-m", "polycell.cli", "tail", str(job)],
@@ -179,7 +178,7 @@ def test_log_after_the_kernel_was_killed(rt_kernel, runtime):
         "%%bg --name counter\nimport itertools, time\n"
         "for i in itertools.count():\n    print('line', i)\n    time.sleep(0.002)"
     )
-    job = _job_id(kernel, started)
+    job = kernel.job_id(started)
     deadline = time.monotonic() + 60
     while True:  # wait until the store has committed a good part of the output
         try:
@@ -216,7 +215,7 @@ def test_100k_lines_all_in_order_in_memory_and_on_disk_memory_bounded(rt_kernel,
     process = psutil.Process(kernel.pid)
     before = process.memory_info().rss
     started = kernel.execute(f"%%bg --name flood\nfor i in range({count}):\n    print(i)")
-    job = _job_id(kernel, started)
+    job = kernel.job_id(started)
     kernel.wait_job_end(job, timeout=240)
     expected = "".join(f"{i}\n" for i in range(count))
     assert kernel.text(started) == expected
@@ -271,7 +270,7 @@ def test_bad_arguments(capsys):
 
 def test_unknown_job_and_ended_job(rt_kernel, runtime):
     kernel = rt_kernel
-    job = _job_id(kernel, kernel.execute("%%bg\nprint('quick')"))
+    job = kernel.job_id(kernel.execute("%%bg\nprint('quick')"))
     kernel.wait_job_end(job)
     assert_one_line_error(polycell("tail", "7", runtime=runtime), "no job 7", "known jobs are 1-1")
     assert_one_line_error(polycell("kill", "7", runtime=runtime), "no job 7")

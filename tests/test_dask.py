@@ -14,17 +14,6 @@ import pytest
 from kernel_session import KernelSession
 
 
-def _job_id(kernel: KernelSession, msg_id: str) -> int:
-    handle = kernel.wait_for(
-        lambda m: (
-            m["msg_type"] == "display_data"
-            and m["parent_header"].get("msg_id") == msg_id
-            and "polycell-handle" in m["content"]["data"].get("text/html", "")
-        )
-    )
-    return int(handle["content"]["data"]["text/plain"].split()[2])
-
-
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
@@ -73,7 +62,7 @@ def test_cell_runs_on_a_worker_streams_output_live_and_brings_names_back(dask_ke
         "answer * 10"
     )
     assert kernel.reply(msg_id)["content"]["status"] == "ok"
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     first = kernel.wait_for(
         lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "first\n", timeout=60
     )
@@ -103,7 +92,7 @@ def test_cell_runs_on_a_worker_streams_output_live_and_brings_names_back(dask_ke
 def test_error_traceback_lands_in_the_cell(dask_kernel):
     kernel = dask_kernel
     msg_id = kernel.execute("%%bg --mode dask\nx = 1\ny = x / 0")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)
     errors = [m for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
     assert [(e["content"]["ename"], e["content"]["evalue"]) for e in errors] == [
@@ -119,7 +108,7 @@ def test_error_traceback_lands_in_the_cell(dask_kernel):
 def test_error_traceback_is_ipythons_from_the_cells_frame(dask_kernel):
     kernel = dask_kernel
     msg_id = kernel.execute("%%bg --mode dask\ndef inner(v):\n    return {}[v]\n\ninner('missing')")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)
     (error,) = [m["content"] for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
     assert (error["ename"], error["evalue"]) == ("KeyError", "'missing'")
@@ -145,7 +134,7 @@ def test_display_metadata_with_numpy_scalars_reaches_the_cell(dask_kernel):
         "display({'text/plain': 'bad'}, raw=True, metadata={'what': object()})\n"
         "print('after')"
     )
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)
     assert kernel.eval(f"jobs[{job}].status.value") == "done"
     shown = [m["content"] for m in kernel.outputs(msg_id) if m["msg_type"] == "display_data"]
@@ -165,7 +154,7 @@ def test_a_job_ends_off_distributeds_callback_thread(dask_kernel, tmp_path):
     flag = tmp_path / "go"
     wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.02)"
     msg_id = kernel.execute(f"%%bg --mode dask\n{wait}\nv = 5")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.run(
         "import threading\n_ends = []\n"
         "def _seen(j):\n"
@@ -193,7 +182,7 @@ def test_kill_after_the_cell_ended_but_before_its_result_arrived(dask_kernel):
         "_ = _blocker.result()"
     )
     msg_id = kernel.execute("%%bg --mode dask\nhit = 1\nprint('bye')")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     _until(kernel, f"jobs.runner('dask')._tasks[{job}].ended is not None")
     assert kernel.eval(f"jobs[{job}].status.value") == "running"  # the result is stuck behind the blocker
     try:
@@ -215,7 +204,7 @@ def test_kill_while_the_started_event_is_still_in_flight_stops_the_cell(dask_ker
     )
     try:
         msg_id = kernel.execute("%%bg --mode dask\nn = 0\nprint('looping')\nwhile True:\n    n += 1")
-        job = _job_id(kernel, msg_id)
+        job = kernel.job_id(msg_id)
         kernel.wait_for(
             lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "looping\n", timeout=60
         )
@@ -227,24 +216,24 @@ def test_kill_while_the_started_event_is_still_in_flight_stops_the_cell(dask_ker
     # Both workers are free again: two cells run side by side.
     first, second = kernel.execute("%%bg --mode dask\n1"), kernel.execute("%%bg --mode dask\n2")
     for msg_id in (first, second):
-        kernel.wait_job_end(_job_id(kernel, msg_id), timeout=60)
+        kernel.wait_job_end(kernel.job_id(msg_id), timeout=60)
 
 
 def test_kill_of_a_cell_waiting_for_a_worker_never_runs_it(dask_kernel, tmp_path):
     kernel = dask_kernel
     flag = tmp_path / "go"
     wait = f"import os, time\nwhile not os.path.exists({str(flag)!r}):\n    time.sleep(0.02)"
-    busy = [_job_id(kernel, kernel.execute(f"%%bg --mode dask\n{wait}")) for _ in range(2)]
+    busy = [kernel.job_id(kernel.execute(f"%%bg --mode dask\n{wait}")) for _ in range(2)]
     for job in busy:
         _until(kernel, f"jobs[{job}].status.value == 'running'")
     msg_id = kernel.execute("%%bg --mode dask\nqueued = 1\nprint('queued ran')")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
     flag.write_text("")
     for other in busy:
         kernel.wait_job_end(other, timeout=60)
     after = kernel.execute("%%bg --mode dask\n'after'")
-    kernel.wait_job_end(_job_id(kernel, after), timeout=60)
+    kernel.wait_job_end(kernel.job_id(after), timeout=60)
     assert "queued ran" not in kernel.text(msg_id)
     assert kernel.eval("'queued' in globals()") is False
 
@@ -294,7 +283,7 @@ def test_private_reaches_on_the_worker_are_where_polycell_expects_them(dask_kern
         " isinstance(loop, tornado.ioloop.IOLoop)\n"
         " and callable(loop.call_later) and callable(loop.add_callback))"
     )
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)
     assert kernel.eval(f"jobs[{job}].result") == (True, "_CapturingDisplay", True)
 
@@ -302,20 +291,20 @@ def test_private_reaches_on_the_worker_are_where_polycell_expects_them(dask_kern
 def test_kill_of_a_python_loop_stops_it(dask_kernel):
     kernel = dask_kernel
     msg_id = kernel.execute("%%bg --mode dask\nn = 0\nprint('looping')\nwhile True:\n    n += 1")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "looping\n", timeout=60)
     assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
     kernel.wait_job_end(job)
     # The worker is free again: the next cell runs.
     nxt = kernel.execute("%%bg --mode dask\n'free'")
-    kernel.wait_job_end(_job_id(kernel, nxt), timeout=60)
+    kernel.wait_job_end(kernel.job_id(nxt), timeout=60)
     assert kernel.eval(f"jobs[{job} + 1].result") == "free"
 
 
 def test_kill_of_a_task_blocked_in_c_says_so(dask_kernel):
     kernel = dask_kernel
     msg_id = kernel.execute("%%bg --mode dask\nimport time\nprint('sleeping')\ntime.sleep(4)\nprint('woke')")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "sleeping\n", timeout=60)
     assert kernel.eval(f"jobs[{job}].kill(timeout=0.2).value") == "kill requested, still blocked"
     note = kernel.wait_for(
@@ -349,7 +338,7 @@ def test_map_spreads_over_the_cluster_workers(dask_kernel):
         "    return (x, distributed.get_worker().address)"
     )
     msg_id = kernel.execute("j = jobs.map(where, range(40), mode='dask', chunksize=2)")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)
     assert kernel.eval("[x for x, _ in j.result] == list(range(40))") is True
     assert kernel.eval("len({w for _, w in j.result})") == 2
@@ -361,7 +350,7 @@ def test_map_on_dask_reports_the_failing_item(dask_kernel):
     kernel = dask_kernel
     kernel.run("def inv(x):\n    return 1 / (x - 9)")
     msg_id = kernel.execute("j = jobs.map(inv, range(20), mode='dask', chunksize=4)")
-    job = _job_id(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)
     assert kernel.eval("str(j.exception)") == "item 9 failed: ZeroDivisionError: division by zero"
 
@@ -414,7 +403,7 @@ def test_default_local_cluster_is_started_on_first_use_and_closed_at_shutdown(mo
     session = KernelSession()
     try:
         msg_id = session.execute("%%bg --mode dask\nimport os\nos.getpid()")
-        job = _job_id(session, msg_id)
+        job = session.job_id(msg_id)
         session.wait_job_end(job, timeout=120)
         assert session.eval(f"jobs[{job}].status.value") == "done"
         assert session.eval(f"jobs[{job}].result != __import__('os').getpid()") is True

@@ -71,17 +71,6 @@ def still_busy(k: KernelSession, msg_id: str) -> bool:
         )
 
 
-def job_of(k: KernelSession, msg_id: str) -> int:
-    handle = k.wait_for(
-        lambda m: (
-            m["msg_type"] == "display_data"
-            and m["parent_header"].get("msg_id") == msg_id
-            and "polycell-handle" in m["content"]["data"].get("text/html", "")
-        )
-    )
-    return int(handle["content"]["data"]["text/plain"].split()[2])
-
-
 def idle_index(k: KernelSession, msg_id: str) -> int:
     k.wait_idle(msg_id)
     with k._cond:
@@ -286,7 +275,7 @@ def test_bg_and_tagged_cells_start_while_the_foreground_sleeps(pk):
     # Hang guards: these replies come while the foreground still sleeps (4 s < its 5 s).
     replies = {msg_id: pk.reply(msg_id, timeout=4) for msg_id in (bg, tagged, by_metadata)}
     assert still_busy(pk, fg)
-    jobs = {msg_id: job_of(pk, msg_id) for msg_id in (bg, tagged, by_metadata)}
+    jobs = {msg_id: pk.job_id(msg_id) for msg_id in (bg, tagged, by_metadata)}
     for msg_id, job in jobs.items():
         pk.wait_job_end(job, timeout=4)
         assert still_busy(pk, fg), "a background cell waited for the foreground"
@@ -319,7 +308,7 @@ def test_interrupt_stops_only_the_foreground(pk):
     fg = start_foreground(pk, "import time\ntime.sleep(30)")
     bg = pk.execute("%%bg\ntime.sleep(1)\nprint('job survived the interrupt')")
     pk.reply(bg, timeout=10)
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     reply = interrupt(pk)
     assert reply["content"]["status"] == "ok"
     fg_reply = pk.reply(fg, timeout=10)
@@ -333,7 +322,7 @@ def test_interrupt_stops_only_the_foreground(pk):
 def test_kill_a_job_while_the_main_thread_sleeps(pk):
     bg = pk.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
     pk.reply(bg)
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     fg = start_foreground(pk)
     kill = pk.execute(f"%job kill {job}")
     assert pk.reply(kill, timeout=4)["content"]["status"] == "ok"
@@ -414,7 +403,7 @@ def test_a_background_cell_that_fails_to_start_still_replies_and_goes_idle(pk):
     pk.reply(fg)
     pk.run("del jobs.runner('thread').submit")
     ok = pk.execute("%%bg\nprint('threads again')")
-    pk.wait_job_end(job_of(pk, ok))
+    pk.wait_job_end(pk.job_id(ok))
     assert pk.text(ok) == "threads again\n"
 
 
@@ -423,7 +412,7 @@ def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk):
     sleeping = pk.execute("import time\ntime.sleep(3)")
     define = pk.execute("x = 41")  # queued behind the sleep
     bg = send_execute(pk, "%%bg\nprint(x + 1)", user_expressions={"y": "x"})
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     pk.wait_job_end(job)
     assert pk.text(bg) == "42\n"
     assert pk.eval(f"jobs[{job}].status.value") == "done"
@@ -435,7 +424,7 @@ def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk):
     bg = send_execute(pk, "%%bg\nprint(x + 2)", user_expressions={"y": "x"})
     reply = pk.reply(bg, timeout=4)
     assert reply["content"]["user_expressions"] == {}
-    pk.wait_job_end(job_of(pk, bg), timeout=4)
+    pk.wait_job_end(pk.job_id(bg), timeout=4)
     assert still_busy(pk, fg)
     assert pk.text(bg) == "43\n"
     interrupt(pk)
@@ -456,7 +445,7 @@ def test_run_all_aborts_a_bg_cell_queued_below_a_failing_cell(pk):
 def test_kill_waits_off_the_shell_channel_thread(pk):
     """While ``%job kill`` waits for its job, other requests are routed (here: the one it waits for)."""
     bg = pk.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     pk.run(  # the kill blocks until a later background cell opens the gate
         "import threading\n"
         "from polycell import jobs\n"
@@ -467,7 +456,7 @@ def test_kill_waits_off_the_shell_channel_thread(pk):
     fg = start_foreground(pk)
     kill = pk.execute(f"%job kill {job}")
     opener = pk.execute("%%bg\ngate.set()")
-    pk.wait_job_end(job_of(pk, opener), timeout=10)  # hang guard: a blocked thread would wait 30 s
+    pk.wait_job_end(pk.job_id(opener), timeout=10)  # hang guard: a blocked thread would wait 30 s
     assert pk.reply(kill, timeout=10)["content"]["status"] == "ok"
     pk.wait_idle(kill)
     assert pk.text(kill) == f"job {job} killed\n"
@@ -481,9 +470,9 @@ def test_interrupt_reaches_neither_process_jobs_nor_map_workers(pk):
     bg = pk.execute(
         "%%bg --mode process\nimport time\nfor i in range(10):\n    print(i, flush=True)\n    time.sleep(0.2)"
     )
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     mapped = pk.execute("j = jobs.map(nap, range(6), workers=2, mode='process', chunksize=1)")
-    map_job = job_of(pk, mapped)
+    map_job = pk.job_id(mapped)
     fg = start_foreground(pk, "import time\ntime.sleep(30)")
     pk.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
     assert interrupt(pk)["content"]["status"] == "ok"
@@ -505,7 +494,7 @@ def test_input_in_a_job_prompts_in_the_jobs_own_cell(pk):
     fg = start_foreground(pk)
     bg = pk.execute("%%bg\nprint('before')\nname = input('who? ')\nprint('hello', name)", allow_stdin=True)
     pk.reply(bg, timeout=4)
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     request = pk.kc.get_stdin_msg(timeout=4)
     assert request["msg_type"] == "input_request"
     assert request["parent_header"]["msg_id"] == bg
@@ -521,7 +510,7 @@ def test_input_in_a_job_prompts_in_the_jobs_own_cell(pk):
 def test_input_in_a_job_without_stdin_is_a_clear_error(pk):
     bg = pk.execute("%%bg\nimport getpass\ngetpass.getpass('secret: ')", allow_stdin=False)
     pk.reply(bg)
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     pk.wait_job_end(job)
     assert pk.error_line(bg) == (
         f"StdinNotImplementedError: getpass() was called in background job {job}, but the front end "
@@ -545,7 +534,7 @@ def test_trio_backend_runs_and_kills_task_jobs(pk):
         "print('trio', trio.lowlevel.current_task().name)\n'done in trio'"
     )
     pk.reply(ok)
-    job = job_of(pk, ok)
+    job = pk.job_id(ok)
     pk.wait_job_end(job)
     assert pk.text(ok) == f"trio polycell-job-{job}\n"
     assert pk.eval(f"(jobs[{job}].mode, jobs[{job}].info['backend'], jobs[{job}].result)") == (
@@ -557,7 +546,7 @@ def test_trio_backend_runs_and_kills_task_jobs(pk):
         "%%bg --mode task --backend trio\nimport trio\nprint('sleeping')\nawait trio.sleep(60)"
     )
     pk.reply(forever)
-    job = job_of(pk, forever)
+    job = pk.job_id(forever)
     pk.wait_for(lambda m: m["parent_header"].get("msg_id") == forever and m["msg_type"] == "stream")
     assert pk.text(pk.run(f"%job kill {job}")["parent_header"]["msg_id"]) == f"job {job} killed\n"
     pk.wait_job_end(job)
@@ -571,7 +560,7 @@ def test_trio_backend_runs_and_kills_task_jobs(pk):
 def test_jobs_lists_the_kernels_other_threads(pk):
     bg = pk.execute("%%bg --name sleeper\nimport time\ntime.sleep(60)")
     pk.reply(bg)
-    job = job_of(pk, bg)
+    job = pk.job_id(bg)
     reply = pk.run("%jobs")
     (shown,) = [m for m in pk.outputs(reply["parent_header"]["msg_id"]) if m["msg_type"] == "display_data"]
     text = shown["content"]["data"]["text/plain"]
@@ -596,7 +585,7 @@ def test_shutdown_and_restart_end_every_job_and_say_so(restart):
     try:
         thread = k.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
         task = k.execute("%%bg\nimport asyncio\nawait asyncio.sleep(60)")
-        jobs = [job_of(k, thread), job_of(k, task)]
+        jobs = [k.job_id(thread), k.job_id(task)]
         k.reply(thread)
         k.reply(task)
         old = k.km.provisioner.process

@@ -14,18 +14,6 @@ from kernel_session import KernelSession
 MODES = ["process", "thread"]
 
 
-def _map_job(kernel: KernelSession, msg_id: str) -> int:
-    """The id of the map job a cell started, read from the handle shown in that cell."""
-    handle = kernel.wait_for(
-        lambda m: (
-            m["msg_type"] == "display_data"
-            and m["parent_header"].get("msg_id") == msg_id
-            and "polycell-handle" in m["content"]["data"].get("text/html", "")
-        )
-    )
-    return int(handle["content"]["data"]["text/plain"].split()[2])
-
-
 def _job_stream(kernel: KernelSession, msg_id: str, job: int, name: str) -> str:
     return "".join(
         m["content"]["text"]
@@ -48,7 +36,7 @@ def test_map_results_in_order_with_progress_and_output_in_the_calling_cell(kerne
     )
     msg_id = kernel.execute(f"j = jobs.map(work, range(200), workers=2, mode={mode!r}, chunksize=7)")
     assert kernel.reply(msg_id)["content"]["status"] == "ok"
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     assert kernel.eval("(j.status.value, j.result == [x * x for x in range(200)], j.mode)") == (
         "done",
@@ -80,7 +68,7 @@ def test_a_failing_item_fails_the_map_with_its_index_and_stops_the_rest(kernel, 
         "    return x"
     )
     msg_id = kernel.execute(f"j = jobs.map(work, range(1000), workers=2, mode={mode!r}, chunksize=10)")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     errors = [m for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
     assert len(errors) == 1
@@ -104,7 +92,7 @@ def test_a_failing_item_fails_the_map_with_its_index_and_stops_the_rest(kernel, 
 def test_kill_stops_every_worker(kernel, mode):
     kernel.run("import time, psutil\ndef slow(x):\n    print('start', x)\n    time.sleep(60)\n    return x")
     msg_id = kernel.execute(f"j = jobs.map(slow, range(8), workers=2, mode={mode!r})")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_for(
         lambda m: (
             m["msg_type"] == "stream" and "start" in m["content"]["text"] and m["metadata"].get("polycell")
@@ -125,7 +113,7 @@ def test_process_workers_escape_a_kernel_interrupt(kernel):
     """A kernel interrupt is for the foreground cell; a map's workers keep going."""
     kernel.run("import time\ndef nap(x):\n    time.sleep(0.3)\n    return x")
     msg_id = kernel.execute("j = jobs.map(nap, range(8), workers=2, mode='process', chunksize=1)")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     fg = kernel.start_foreground("time.sleep(30)")
     kernel.km.interrupt_kernel()
     assert kernel.reply(fg)["content"]["ename"] == "KeyboardInterrupt"
@@ -135,7 +123,7 @@ def test_process_workers_escape_a_kernel_interrupt(kernel):
 
 def test_100000_tiny_items_go_in_chunks(kernel):
     msg_id = kernel.execute("j = jobs.map(abs, range(-50000, 50000), mode='process')")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=120)  # generous hang guard; speed is for benchmarks/bench_map.py
     assert kernel.eval("(j.status.value, len(j.result), j.result[:3], j.result[-1])") == (
         "done",
@@ -149,7 +137,7 @@ def test_100000_tiny_items_go_in_chunks(kernel):
 
 def test_empty_map_is_done_with_an_empty_list(kernel):
     msg_id = kernel.execute("j = jobs.map(abs, [], mode='process')")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     assert kernel.eval("(j.status.value, j.result)") == ("done", [])
 
@@ -177,7 +165,7 @@ def test_bad_map_arguments_say_what_is_wrong(kernel, call, message):
 def test_unpicklable_result_names_the_item(kernel):
     kernel.run("import threading\ndef lock_for(x):\n    return threading.Lock() if x == 5 else x")
     msg_id = kernel.execute("j = jobs.map(lock_for, range(10), workers=2, mode='process', chunksize=3)")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     message = kernel.eval("str(j.exception)")
     assert message.startswith("item 5 failed: TypeError: its result cannot be sent back to the kernel")
@@ -191,7 +179,7 @@ def test_display_in_a_process_worker_reaches_the_cell(kernel):
         "    return x"
     )
     msg_id = kernel.execute("j = jobs.map(show, range(3), workers=2, mode='process')")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     shown = sorted(
         m["content"]["data"]["text/html"]
@@ -224,7 +212,7 @@ def test_a_worker_killed_from_outside_fails_the_map_in_one_line_even_if_its_pipe
         "    return x"
     )
     msg_id = kernel.execute("j = jobs.map(work, range(8), workers=2, mode='process', chunksize=1)")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job, timeout=60)  # hang guard: before the fix this never ended
     errors = [m["content"] for m in kernel.outputs(msg_id) if m["msg_type"] == "error"]
     assert len(errors) == 1
@@ -247,7 +235,7 @@ def test_fd_level_output_of_workers_lands_in_the_map_cell(kernel):
         "    return x"
     )
     msg_id = kernel.execute("j = jobs.map(loud, range(4), workers=2, mode='process', chunksize=1)")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     fg = kernel.run("print('foreground')")["parent_header"]["msg_id"]
     kernel.wait_job_end(job)
     assert kernel.eval("(j.status.value, j.result)") == ("done", [0, 1, 2, 3])
@@ -269,7 +257,7 @@ def test_fd_level_output_of_workers_lands_in_the_map_cell(kernel):
 def test_a_map_worker_cannot_start_jobs(kernel, mode):
     kernel.run("def nest(x):\n    return jobs.map(abs, [x], mode='thread')")
     msg_id = kernel.execute(f"j = jobs.map(nest, [1], mode={mode!r})")
-    job = _map_job(kernel, msg_id)
+    job = kernel.job_id(msg_id)
     kernel.wait_job_end(job)
     if mode == "process":
         assert kernel.eval("str(j.exception)") == (
@@ -287,7 +275,7 @@ def test_map_workers_die_with_a_sigkilled_kernel():
             "import os, time\ndef nap(x):\n    print('pid', os.getpid(), flush=True)\n    time.sleep(600)"
         )
         msg_id = kernel.execute("j = jobs.map(nap, range(2), workers=2, mode='process', chunksize=1)")
-        job = _map_job(kernel, msg_id)
+        job = kernel.job_id(msg_id)
         kernel.wait_for(lambda m: _job_stream(kernel, msg_id, job, "stdout").count("pid") == 2)
         pids = [int(line.split()[1]) for line in _job_stream(kernel, msg_id, job, "stdout").splitlines()]
         kernel.km.shutdown_kernel(now=True)  # SIGKILL: no atexit, no shutdown of the runners

@@ -16,20 +16,9 @@ from kernel_session import KernelSession
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _job_id(kernel: KernelSession, msg_id: str) -> int:
-    handle = kernel.wait_for(
-        lambda m: (
-            m["msg_type"] == "display_data"
-            and m["parent_header"].get("msg_id") == msg_id
-            and "polycell-handle" in m["content"]["data"].get("text/html", "")
-        )
-    )
-    return int(handle["content"]["data"]["text/plain"].split()[2])
-
-
 def _start(kernel: KernelSession, code: str, options: str = "") -> tuple[str, int]:
     msg_id = kernel.execute(f"%%bg --mode process {options}\n{code}")
-    return msg_id, _job_id(kernel, msg_id)
+    return msg_id, kernel.job_id(msg_id)
 
 
 def _wait_text(kernel: KernelSession, msg_id: str, text: str, timeout: float = 30) -> None:
@@ -330,7 +319,7 @@ def test_input_and_getpass_fail_in_one_line_in_process_jobs_and_map_workers(kind
             "getpass() is not available in a process job: it has no front end to ask",
         ]
         msg_id = kernel.execute("j = jobs.map(ask, [0, 1], workers=2, mode='process', chunksize=1)")
-        map_job = _job_id(kernel, msg_id)
+        map_job = kernel.job_id(msg_id)
         kernel.wait_job_end(map_job)
         assert kernel.eval("j.result") == [
             "input() is not available in a map worker: it has no front end to ask",

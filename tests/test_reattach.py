@@ -7,7 +7,6 @@ import re
 import pytest
 
 from kernel_session import KernelSession
-from test_background_cells import _job_id
 
 LINES = 60
 HALF = 30
@@ -45,7 +44,7 @@ def second_client(kernel: KernelSession):
 def test_show_replays_then_follows_live_in_another_client(kernel, second_client):
     kernel.run("import threading; gate = threading.Event()")
     started = kernel.execute(JOB)
-    job = _job_id(kernel, started)
+    job = kernel.job_id(started)
     kernel.wait_for(
         lambda m: (
             m["parent_header"].get("msg_id") == started
@@ -94,7 +93,7 @@ def test_show_replays_then_follows_live_in_another_client(kernel, second_client)
 
 def test_show_of_an_ended_job_replays_everything(kernel, second_client):
     started = kernel.execute("%%bg\nfor i in range(5):\n    print('line', i)\n'result'")
-    job = _job_id(kernel, started)
+    job = kernel.job_id(started)
     kernel.wait_job_end(job)
     kernel.disconnect()
     b = second_client()
@@ -109,7 +108,7 @@ def test_show_of_an_ended_job_replays_everything(kernel, second_client):
 def test_jobs_table_from_a_new_client(kernel, second_client):
     first = kernel.execute("%%bg --name finished\nprint('all done')")
     second = kernel.execute("%%bg --name sleeper\nimport time\ntime.sleep(60)")
-    finished, sleeper = _job_id(kernel, first), _job_id(kernel, second)
+    finished, sleeper = kernel.job_id(first), kernel.job_id(second)
     kernel.wait_job_end(finished)
     kernel.disconnect()
 
