@@ -243,3 +243,23 @@ def test_no_line_after_a_killed_sleep_runs(table):
         assert started.wait(10)
         assert job.kill(timeout=5) is KillOutcome.KILLED
         assert job.status is JobState.KILLED and after == []
+
+
+def test_a_second_kill_stops_a_job_that_swallowed_the_first(table):
+    started, swallowed = threading.Event(), threading.Event()
+
+    def body():
+        try:
+            started.set()
+            while True:
+                pass
+        except BaseException:  # the user's code swallows the kill
+            swallowed.set()
+        while True:
+            pass
+
+    job = table.submit("thread", body)
+    assert started.wait(10)
+    assert job.kill(timeout=0.5) is KillOutcome.STILL_BLOCKED
+    assert swallowed.is_set()
+    assert job.kill(timeout=5) is KillOutcome.KILLED

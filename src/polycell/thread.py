@@ -109,9 +109,10 @@ def _leave_busy() -> None:
 class KillSwitch:
     """Lets any thread stop the code one thread runs inside `armed()`.
 
-    The lock makes the async exception safe to use: `pull` sends it at most
-    once, and only while the armed code may still be running, so it can never
-    land in the caller's bookkeeping after that code has finished. Thread jobs,
+    The lock makes the async exception safe to use: `pull` sends it only while
+    the armed code may still be running, and leaving `armed()` clears one still
+    pending, so it can never land in the caller's bookkeeping after that code
+    has finished. Thread jobs,
     the thread workers of ``jobs.map`` and dask cells on a worker all use it.
 
     A sleep in the armed code waits on `_wake`, a bare lock held until the switch
@@ -161,11 +162,13 @@ class KillSwitch:
     def pull(self) -> bool:
         """Stop the armed code: raise `JobKilled` at its next bytecode, and wake its sleep.
 
-        True if the exception was sent now (the code was running and had not been sent one).
+        True if the exception was sent now. Each pull sends it again while the code
+        still runs, so a job that swallowed one kill (``except BaseException``) can
+        be killed by the next.
         """
         with self.lock:
             sent = False
-            if self.in_user_code and not self.exception_sent and self.ident is not None:
+            if self.in_user_code and self.ident is not None:
                 self.exception_sent = sent = True
                 _raise_in_thread(self.ident, JobKilled)
             if not self.pulled:
