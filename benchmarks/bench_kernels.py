@@ -16,12 +16,11 @@ import statistics
 import sys
 import time
 
-from harness import KernelSession, Row, print_rows, stock_kernel_argv
+from harness import BG_CELLS, BG_SLEEP, KernelSession, Row, background_sleepers, print_rows, stock_kernel_argv
 
 POLYCELL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_file={connection_file}"]
 ROUNDS, PER_ROUND = 4, 50
-CELLS, SLEEP = 8, 0.5
 
 
 def _round_trips(session: KernelSession, n: int) -> list[float]:
@@ -33,19 +32,9 @@ def _round_trips(session: KernelSession, n: int) -> list[float]:
     return times
 
 
-def _polycell_bg(session: KernelSession) -> float:
-    first_job = session.eval("len(jobs)") + 1
-    t0 = time.perf_counter()
-    for _ in range(CELLS):
-        session.execute(f"%%bg\ntime.sleep({SLEEP})")
-    for job_id in range(first_job, first_job + CELLS):
-        session.wait_job_end(job_id, timeout=60)
-    return time.perf_counter() - t0
-
-
 def _replies(session: KernelSession, code: str) -> float:
     t0 = time.perf_counter()
-    ids = [session.execute(code) for _ in range(CELLS)]
+    ids = [session.execute(code) for _ in range(BG_CELLS)]
     for msg_id in ids:
         session.reply(msg_id, timeout=60)
     return time.perf_counter() - t0
@@ -82,12 +71,12 @@ def run() -> list[Row]:
                     {"ratio_vs_ipykernel": round(median / medians["stock ipykernel"], 3)},
                 )
             )
-        _polycell_bg(sessions["polycell kernel"])  # warm up the thread runner
-        value = min(_polycell_bg(sessions["polycell kernel"]) for _ in range(3))
+        background_sleepers(sessions["polycell kernel"])  # warm up the thread runner
+        value = min(background_sleepers(sessions["polycell kernel"]) for _ in range(3))
         rows.append(Row("8 bg cells x 0.5 s", "polycell kernel %%bg", value, "s", "<= 0.7 s", value <= 0.7))
-        value = min(_replies(sessions["async-kernel"], f"# thread\ntime.sleep({SLEEP})") for _ in range(3))
+        value = min(_replies(sessions["async-kernel"], f"# thread\ntime.sleep({BG_SLEEP})") for _ in range(3))
         rows.append(Row("8 bg cells x 0.5 s", "async-kernel # thread", value, "s"))
-        value = _replies(sessions["stock ipykernel"], f"time.sleep({SLEEP})")
+        value = _replies(sessions["stock ipykernel"], f"time.sleep({BG_SLEEP})")
         rows.append(Row("8 bg cells x 0.5 s", "stock ipykernel (serial)", value, "s"))
     finally:
         for session in sessions.values():
@@ -96,8 +85,4 @@ def run() -> list[Row]:
 
 
 if __name__ == "__main__":
-    rows = run()
-    print_rows(rows)
-    for row in rows:
-        if row.extra:
-            print(f"  {row.subject}: {row.extra}")
+    print_rows(run())

@@ -159,8 +159,4 @@ def run() -> list[Row]:
 
 
 if __name__ == "__main__":
-    rows = run()
-    print_rows(rows)
-    for row in rows:
-        if row.extra:
-            print(f"  {row.subject}: {row.extra}")
+    print_rows(run())

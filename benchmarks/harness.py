@@ -24,7 +24,17 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kernel_session import KernelSession  # noqa: E402
 
-__all__ = ["KernelSession", "Row", "machine", "median_round_trip", "print_rows", "stock_kernel_argv"]
+__all__ = [
+    "BG_CELLS",
+    "BG_SLEEP",
+    "KernelSession",
+    "Row",
+    "background_sleepers",
+    "machine",
+    "median_round_trip",
+    "print_rows",
+    "stock_kernel_argv",
+]
 
 
 @dataclass
@@ -54,6 +64,21 @@ def median_round_trip(session: KernelSession, code: str = "1", n: int = 200) -> 
     return statistics.median(times)
 
 
+BG_CELLS, BG_SLEEP = 8, 0.5
+
+
+def background_sleepers(session: KernelSession) -> float:
+    """Seconds until BG_CELLS ``%%bg`` cells sleeping BG_SLEEP s, sent back to back, are all done."""
+    session.run("import time")
+    first_job = session.eval("len(jobs)") + 1
+    t0 = time.perf_counter()
+    for _ in range(BG_CELLS):
+        session.execute(f"%%bg\ntime.sleep({BG_SLEEP})")
+    for job_id in range(first_job, first_job + BG_CELLS):
+        session.wait_job_end(job_id, timeout=60)
+    return time.perf_counter() - t0
+
+
 def machine() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
@@ -68,6 +93,8 @@ def print_rows(rows: list[Row]) -> None:
     for r in rows:
         verdict = "" if r.ok is None else ("PASS" if r.ok else "FAIL")
         print(f"{r.bench:<{width}}  {r.subject:<22} {r.value:>10.4g} {r.unit:<4} {r.bar:<18} {verdict}")
+        if r.extra:
+            print(f"{'':<{width}}    {r.extra}")
 
 
 def dump(rows: list[Row], path: Path) -> None:
