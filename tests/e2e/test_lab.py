@@ -187,3 +187,30 @@ def test_jobs_renders_an_html_table(open_notebook: OpenNotebook) -> None:
     nb.run(5)
     expect(nb.cell(3).locator(".polycell-handle")).to_contain_text("killed", timeout=60_000)
     finish(nb, "5-jobs-table-after-kill")
+
+
+def test_input_in_a_job_prompts_in_its_own_cell(open_notebook: OpenNotebook) -> None:
+    nb = open_notebook(
+        "input",
+        [
+            "import time",
+            '%%bg --name asker\nanswer = input("your name? ")\nprint(f"hello {answer}")',
+            'print("after the answer")',
+        ],
+    )
+    nb.run(0)
+    nb.run(1)
+    # The question is asked in the job's own cell, after that cell has finished running.
+    prompt = nb.cell(1).locator(".jp-Stdin-input")
+    expect(prompt).to_be_visible(timeout=60_000)
+    nb.screenshot("6-input-prompt-in-the-jobs-cell")
+    # JupyterLab itself runs no other cell while an input is pending (it guards against
+    # a deadlock), so the answer comes first.
+    prompt.fill("Ada")
+    prompt.press("Enter")
+    nb.expect_output(1, "hello Ada")
+    expect(nb.cell(1).locator(".polycell-handle")).to_contain_text("done", timeout=60_000)
+    nb.run(2)
+    nb.expect_output(2, "after the answer")
+    assert "hello" not in nb.output_text(2)
+    finish(nb, "6-input-in-a-job")
