@@ -301,9 +301,20 @@ def test_kill_of_a_python_loop_stops_it(dask_kernel):
     assert kernel.eval(f"jobs[{job} + 1].result") == "free"
 
 
+def test_kill_of_a_task_in_time_sleep_stops_it(dask_kernel):
+    kernel = dask_kernel
+    msg_id = kernel.execute("%%bg --mode dask\nimport time\nprint('sleeping')\ntime.sleep(60)\nprint('woke')")
+    job = kernel.job_id(msg_id)
+    kernel.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "sleeping\n", timeout=60)
+    assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
+    assert "woke" not in kernel.text(msg_id)
+
+
 def test_kill_of_a_task_blocked_in_c_says_so(dask_kernel):
     kernel = dask_kernel
-    msg_id = kernel.execute("%%bg --mode dask\nimport time\nprint('sleeping')\ntime.sleep(4)\nprint('woke')")
+    msg_id = kernel.execute(
+        "%%bg --mode dask\nimport select\nprint('sleeping')\nselect.select([], [], [], 4)\nprint('woke')"
+    )
     job = kernel.job_id(msg_id)
     kernel.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "sleeping\n", timeout=60)
     assert kernel.eval(f"jobs[{job}].kill(timeout=0.2).value") == "kill requested, still blocked"

@@ -41,7 +41,7 @@ import cloudpickle
 
 from polycell.cell import cell_traceback_start
 from polycell.job import JobKilled
-from polycell.thread import KillSwitch
+from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
 __all__ = ["interrupt_cell", "map_chunk", "run_cell"]
 
@@ -347,8 +347,12 @@ def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str
         namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         for name, data in names.items():
             namespace[name] = cloudpickle.loads(data)
-        with switch.armed():
-            value = cell.run(namespace)
+        install_interruptible_sleep()  # a kill wakes the cell's time.sleep, as in thread mode
+        try:
+            with switch.armed():
+                value = cell.run(namespace)
+        finally:
+            remove_interruptible_sleep()
     except JobKilled:
         status = "killed"
     except BaseException as exc:  # noqa: BLE001 - the cell's failure goes back to its notebook
