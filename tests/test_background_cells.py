@@ -25,6 +25,8 @@ def test_output_lands_in_the_cell_that_started_the_job(kernel):
         assert msg["parent_header"]["msg_id"] == bg
     result = [m for m in kernel.outputs(bg) if m["msg_type"] == "execute_result"]
     assert result and result[0]["content"]["data"]["text/plain"] == "'finished'"
+    # Out[n] of the job is the number of the cell that started it (IPython 9 counts early).
+    assert result[0]["content"]["execution_count"] == reply["content"]["execution_count"]
     assert result[0]["metadata"]["polycell"]["job"] == job
     assert kernel.eval(f"(jobs[{job}].status.value, jobs[{job}].result, jobs[{job}].name)") == (
         "done",

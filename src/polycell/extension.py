@@ -99,6 +99,8 @@ class Polycell:
         given = cell_execution_count.get()
         if given is not None:
             return given
+        # DisplayHook.exec_result is the ExecutionResult of the cell being run (a trait
+        # of IPython's displayhook, set by run_cell since IPython 8; checked by a test).
         running = getattr(self.shell.displayhook, "exec_result", None)
         count = getattr(running, "execution_count", None)
         return count if isinstance(count, int) else self.shell.execution_count
