@@ -32,6 +32,17 @@ def polycell(*args: str, runtime: Path, timeout: float = 60) -> subprocess.Compl
     )
 
 
+def _tail(job: int, runtime: Path) -> subprocess.Popen[str]:
+    """``polycell tail N`` running as a separate process, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "polycell.cli", "tail", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)},
+    )
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str] | tuple[int, str], *words: str) -> None:
     code, stderr = (result.returncode, result.stderr) if not isinstance(result, tuple) else result
     assert code != 0
@@ -131,14 +142,7 @@ def test_tail_replays_then_follows_until_the_job_ends(rt_kernel, runtime):
         "1 / 0"
     )
     job = kernel.job_id(started)
-    env = {**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}
-    with subprocess.Popen(
-        [sys.executable, "-m", "polycell.cli", "tail", str(job)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as tail:
+    with _tail(job, runtime) as tail:
         assert tail.stdout is not None
         seen = [tail.stdout.readline() for _ in range(20)]  # the replay, while the job waits
         assert seen == [f"line {i}\n" for i in range(20)]
@@ -154,14 +158,7 @@ def test_tail_replays_then_follows_until_the_job_ends(rt_kernel, runtime):
 def test_ctrl_c_detaches_tail_and_the_job_keeps_running(rt_kernel, runtime):
     kernel = rt_kernel
     job = kernel.job_id(kernel.execute("%%bg\nimport time\nprint('up')\ntime.sleep(120)"))
-    env = {**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}
-    with subprocess.Popen(
-        [sys.executable, "-m", "polycell.cli", "tail", str(job)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    ) as tail:
+    with _tail(job, runtime) as tail:
         assert tail.stdout is not None
         assert tail.stdout.readline() == "up\n"
         tail.send_signal(signal.SIGINT)

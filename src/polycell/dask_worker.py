@@ -41,6 +41,7 @@ import cloudpickle
 
 from polycell.cell import cell_traceback_start
 from polycell.job import JobKilled
+from polycell.routing import RoutedStream
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
 __all__ = ["interrupt_cell", "map_chunk", "run_cell"]
@@ -56,37 +57,15 @@ _EVENT_SECONDS = 0.1
 TRACEBACK_THEME = "neutral"
 
 
-class _CapturingStream:
-    """The worker's ``sys.stdout``/``sys.stderr``: text of a polycell task goes to its sink."""
-
-    _polycell_capture = True
-
-    def __init__(self, name: str, inner: Any) -> None:
-        self._name = name
-        self._inner = inner
-
-    def write(self, text: str) -> int:
-        sink = _sink.get()
-        if sink is None:
-            return self._inner.write(text)
-        sink.write(self._name, text)
-        return len(text)
-
-    def flush(self) -> None:
-        if _sink.get() is None:
-            self._inner.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 def _install_capture() -> None:
     """Wrap the worker's streams and ``display`` once per worker process."""
     with _install_lock:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
-            if not getattr(stream, "_polycell_capture", False):
-                setattr(sys, name, _CapturingStream(name, stream))
+            # Not `isinstance`: in a worker inside the kernel, the kernel's own
+            # JobAwareStream is a RoutedStream too, and still needs this wrapper.
+            if not (isinstance(stream, RoutedStream) and stream._polycell_sink == _sink.get):
+                setattr(sys, name, RoutedStream(name, stream, _sink.get))
         try:
             import IPython.display
             from IPython.core import display_functions

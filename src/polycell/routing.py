@@ -14,32 +14,38 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from polycell.cell import cell_traceback_start
 from polycell.job import Job, current_job
+from polycell.journal import OutputJournal
 
-__all__ = ["JobAwareStream", "OutputRouter"]
+__all__ = ["JobAwareStream", "OutputRouter", "RoutedStream"]
 
 
-class JobAwareStream:
-    """Stands in for ``sys.stdout``/``sys.stderr``: job output to the job, the rest through.
+class RoutedStream:
+    """Stands in for ``sys.stdout``/``sys.stderr``: text goes to the sink the calling
+    context names (``sink()`` returns an object with ``write(name, text)``), else through.
 
     Every attribute it does not define (``set_parent``, ``fileno``, ``encoding``,
-    ipykernel's ``OutStream`` internals) is the wrapped stream's.
+    ipykernel's ``OutStream`` internals) is the wrapped stream's. The kernel routes
+    to the current job's journal (`JobAwareStream`); a dask worker routes to the
+    running cell's event sink (`polycell.dask_worker`).
     """
 
-    def __init__(self, name: str, inner: TextIO) -> None:
+    def __init__(self, name: str, inner: TextIO, sink: Callable[[], Any]) -> None:
         self._polycell_name = name
         self._polycell_inner = inner
+        self._polycell_sink = sink
 
     def write(self, text: str) -> int:
-        job = current_job.get()
-        if job is None:
+        target = self._polycell_sink()
+        if target is None:
             return self._polycell_inner.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        job.journal.write(self._polycell_name, text)
+        target.write(self._polycell_name, text)
         return len(text)
 
     def writelines(self, lines: Any) -> None:
@@ -47,11 +53,23 @@ class JobAwareStream:
             self.write(line)
 
     def flush(self) -> None:
-        if current_job.get() is None:
+        if self._polycell_sink() is None:
             self._polycell_inner.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._polycell_inner, name)
+
+
+def _current_journal() -> OutputJournal | None:
+    job = current_job.get()
+    return job.journal if job is not None else None
+
+
+class JobAwareStream(RoutedStream):
+    """The kernel's ``sys.stdout``/``sys.stderr``: a job's text to its journal, the rest through."""
+
+    def __init__(self, name: str, inner: TextIO) -> None:
+        super().__init__(name, inner, _current_journal)
 
 
 def _display_record(
