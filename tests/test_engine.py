@@ -263,3 +263,28 @@ def test_a_second_kill_stops_a_job_that_swallowed_the_first(table):
     assert job.kill(timeout=0.5) is KillOutcome.STILL_BLOCKED
     assert swallowed.is_set()
     assert job.kill(timeout=5) is KillOutcome.KILLED
+
+
+def test_job_threads_leave_sigint_to_the_main_thread(table):
+    """Linux may hand a process-directed SIGINT to any thread not blocking it (polycell.interrupts)."""
+    import signal
+
+    for mode in ("thread", "task"):
+        if mode == "thread":
+            body = lambda: signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # noqa: E731
+        else:
+
+            async def body() -> bool:
+                return signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+        job = table.submit(mode, body)
+        assert job.wait(10)
+        assert job.result is True, mode
+    plain: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: plain.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    )
+    thread.start()
+    thread.join(10)
+    assert plain == [False]  # only polycell's threads: the caller's mask is back as it was
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -487,6 +487,58 @@ def test_interrupt_reaches_neither_process_jobs_nor_map_workers(pk):
     assert pk.text(bg).startswith("".join(f"{i}\n" for i in range(10)))
 
 
+SIGINT_MASKS = r"""
+import os, signal, threading
+def _sigint_blocked(tid):
+    with open(f"/proc/self/task/{tid}/status") as status:
+        mask = next(line for line in status if line.startswith("SigBlk:")).split()[1]
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+masks = {int(tid): _sigint_blocked(tid) for tid in os.listdir("/proc/self/task")}
+"""
+
+
+def test_only_the_main_thread_can_take_the_interrupt(pk):
+    """A process-directed SIGINT taken by any other thread would never wake the main one.
+
+    Every thread of the kernel but the main one (ipykernel's, polycell's, a
+    job's, a job's event loop) blocks SIGINT; a process job's child takes it as
+    a plain Python program does.
+    """
+    thread_job = pk.job_id(pk.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)"))
+    task_job = pk.job_id(pk.execute("%%bg --mode task\nimport asyncio\nawait asyncio.sleep(60)"))
+    pk.run(SIGINT_MASKS)
+    masks = pk.eval("masks")
+    assert masks.pop(pk.eval("threading.main_thread().native_id")) is False
+    assert len(masks) >= 8 and all(masks.values()), masks
+    child = pk.execute(
+        "%%bg --mode process\nimport signal\n"
+        "(signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+        "signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))"
+    )
+    job = pk.job_id(child)
+    pk.wait_job_end(job)
+    assert pk.eval(f"jobs[{job}].result") == (True, False)
+    pk.run(f"%job kill {thread_job}\n%job kill {task_job}")
+
+
+def test_interrupt_spares_programs_started_by_thread_jobs(pk):
+    """They share the kernel's process group, which ipykernel's interrupt signals as a whole."""
+    bg = pk.execute(
+        "%%bg\nimport subprocess\n"
+        "started = subprocess.Popen(['sh', '-c', 'echo started; sleep 2'],\n"
+        "                           stdout=subprocess.PIPE, text=True)\n"
+        "print(started.stdout.readline(), end='', flush=True)\n"
+        "started.wait()"
+    )
+    job = pk.job_id(bg)
+    fg = start_foreground(pk)
+    pk.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
+    assert interrupt(pk)["content"]["status"] == "ok"
+    assert pk.reply(fg, timeout=10)["content"]["ename"] == "KeyboardInterrupt"
+    pk.wait_job_end(job)
+    assert pk.eval(f"jobs[{job}].result") == 0  # -2 had SIGINT reached it
+
+
 # -- input() in a job ---------------------------------------------------------------------------
 
 

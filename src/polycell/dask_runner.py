@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polycell.cell import CompiledCell
+from polycell.interrupts import interrupts_blocked
 from polycell.job import Job, JobError, JobKilled, Runner, one_line
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskCell", "DaskRunner", "require_distributed"]
@@ -131,9 +132,15 @@ class DaskRunner(Runner):
             return self._client
 
     def _connect(self, address: str | None, timeout: float) -> Any:
+        address = address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        # The client's threads, and a local cluster's processes, inherit the
+        # blocked SIGINT: the kernel's interrupt is the foreground's alone.
+        with interrupts_blocked():
+            return self._connect_unmasked(address, timeout)
+
+    def _connect_unmasked(self, address: str | None, timeout: float) -> Any:
         from distributed import Client, LocalCluster
 
-        address = address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
         if address is None:
             import logging
 
@@ -269,7 +276,8 @@ class DaskRunner(Runner):
             if outcome is None or (task.received < outcome["records"] and not late):
                 return False
             task.completing = True
-        self._finisher().submit(self._complete, task, outcome)
+        with interrupts_blocked():  # the pool's thread, started here, inherits the mask
+            self._finisher().submit(self._complete, task, outcome)
         return True
 
     @staticmethod

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, Subscription
 
@@ -35,7 +36,7 @@ class IOPubPublisher:
         self.session = session
         self.socket = socket
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="polycell-iopub", daemon=True)
+        self._thread = BackgroundThread(target=self._serve, name="polycell-iopub", daemon=True)
         self._thread.start()
         self._cancels: dict[int, Callable[[], None]] = {}
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, last_line
 from polycell.view import make_row
@@ -129,7 +130,7 @@ class JournalStore:
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.run = self._open_run(connection_file)
         self._seqs: dict[int, int] = {}
-        self._thread = threading.Thread(target=self._serve, name="polycell-journal-store", daemon=True)
+        self._thread = BackgroundThread(target=self._serve, name="polycell-journal-store", daemon=True)
         self._thread.start()
 
     @classmethod

@@ -51,6 +51,7 @@ from ipykernel.ipkernel import IPythonKernel
 from IPython.core.error import StdinNotImplementedError, UsageError
 from tornado.ioloop import IOLoop
 
+from polycell.interrupts import BackgroundThread
 from polycell.job import JobError, current_job
 from polycell.job_table import jobs
 
@@ -372,7 +373,7 @@ class PolycellKernel(_Ipykernel74):
             # Up to half a second: done in a thread of its own, so that the shell
             # channel thread goes on routing every other message meanwhile.
             loop = IOLoop.current()
-            threading.Thread(
+            BackgroundThread(
                 target=self._run_out_of_queue,
                 args=(idents, request, action, partial(loop.add_callback, self._send_reply)),
                 name="polycell-job-kill",

@@ -44,6 +44,7 @@ from typing import Any
 from tqdm import tqdm
 
 from polycell import process
+from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobError, JobKilled, Runner, current_job
 from polycell.journal import Record
 from polycell.process import (
@@ -209,7 +210,7 @@ class MapRunner(Runner):
         context = self._prepare(job)
         backend = _BACKENDS[body.backend](job, body)
         job.info["workers"] = f"{body.workers} {body.backend}"
-        thread = threading.Thread(
+        thread = BackgroundThread(
             target=context.run,
             args=(self._run, job, body, backend),
             name=f"polycell-map-{job.id}",
@@ -354,7 +355,7 @@ class _ThreadBackend(_Backend):
         for n in range(min(self.spec.workers, len(self.spec.chunks))):
             context = contextvars.copy_context()
             switch = KillSwitch()
-            thread = threading.Thread(
+            thread = BackgroundThread(
                 target=context.run,
                 args=(self._work, switch),
                 name=f"polycell-map-{self.job.id}-{n}",

@@ -67,6 +67,7 @@ from typing import Any, NoReturn
 import cloudpickle
 
 from polycell import job_table
+from polycell.interrupts import BackgroundThread, reset_interrupts_in_child
 from polycell.job import Job, JobError, Runner, one_line
 from polycell.journal import Record, stream_record
 
@@ -154,7 +155,7 @@ class _RecordPipe:
         self._size = 0
         self._last_send = 0.0
         self._stopped = threading.Event()
-        threading.Thread(target=self._flush_loop, name="polycell-child-flush", daemon=True).start()
+        BackgroundThread(target=self._flush_loop, name="polycell-child-flush", daemon=True).start()
 
     # The journal API the routing layer uses.
     def write(self, name: str, text: str) -> None:
@@ -484,7 +485,7 @@ class Forker:
         self._fflush = getattr(libc, "fflush", None)
         self.users = 0
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="polycell-forker", daemon=True)
+        self._thread = BackgroundThread(target=self._serve, name="polycell-forker", daemon=True)
         self._thread.start()
 
     def fork(
@@ -555,6 +556,7 @@ class Forker:
         try:
             _in_child = what
             os.setpgid(0, 0)
+            reset_interrupts_in_child()
             if self._prctl is not None:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent_pid:  # the kernel died before the line above
@@ -697,7 +699,7 @@ class ProcessRunner(Runner):
             job._set_exception(JobError(message))
             return job
         job.info["pid"] = child.pid
-        reader = threading.Thread(
+        reader = BackgroundThread(
             target=self._watch, args=(child, launch), name=f"polycell-process-{job.id}", daemon=True
         )
         with self._lock:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobKilled, Runner
 
 __all__ = ["TaskRunner"]
@@ -37,7 +38,7 @@ class TaskRunner(Runner):
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
-                thread = threading.Thread(
+                thread = BackgroundThread(
                     target=self._serve, args=(loop, ready), name="polycell-task-loop", daemon=True
                 )
                 thread.start()

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobKilled, Runner
 
 __all__ = ["KillSwitch", "ThreadRunner", "install_interruptible_sleep", "remove_interruptible_sleep"]
@@ -191,7 +192,7 @@ class ThreadRunner(Runner):
             raise RuntimeError("this ThreadRunner has been shut down")
         context = self._prepare(job)
         switch = KillSwitch()
-        thread = threading.Thread(
+        thread = BackgroundThread(
             target=context.run,
             args=(self._run, job, body, switch),
             name=f"polycell-job-{job.id}",

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobError, JobKilled, Runner
 
 try:
@@ -41,7 +42,7 @@ class TrioTaskRunner(Runner):
         with self._lock:
             if self._token is None:
                 ready = threading.Event()
-                thread = threading.Thread(
+                thread = BackgroundThread(
                     target=trio.run, args=(self._serve, ready), name="polycell-trio-loop", daemon=True
                 )
                 thread.start()
