@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from kernel_session import KernelSession, kernel_env
 from leak_check import RESIDENTS, leftovers
+
+# A shell starts a background command (``pytest &``, a CI step run that way)
+# with SIGINT ignored, and every process it starts inherits that: `polycell
+# tail` would shrug off the Ctrl-C its test sends. Tests run as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _CLUSTER_SCRIPT = """
 import sys
