@@ -12,6 +12,7 @@ import inspect
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,10 @@ from kernel_session import KernelSession, Msg
 from polycell.kernel import ExecutionCounter, MainThreadQueue, OutOfQueue, out_of_queue_action
 
 ARGV = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
-SLEEP = "import time\ntime.sleep(5)\nprint('foreground finished')"
+#: A foreground cell that blocks the main thread in ``time.sleep`` until the test interrupts it.
+SLEEP = "import time\ntime.sleep(300)"
+#: One that blocks until a background cell runs ``fg_release.set()``, then ends normally.
+GATED = "import threading\nfg_release = threading.Event()\nfg_release.wait(300)\nprint('foreground finished')"
 
 
 @pytest.fixture
@@ -266,18 +270,17 @@ def test_execution_counts_never_collide_with_the_running_cell():
 
 
 def test_bg_and_tagged_cells_start_while_the_foreground_sleeps(pk):
-    fg = start_foreground(pk)
-    bg = pk.execute("%%bg\nprint('from %%bg')\ntime.sleep(1)\nprint('bg end')\n6 * 7")
+    fg = start_foreground(pk, GATED)
+    bg = pk.execute("%%bg\nimport time\nprint('from %%bg')\ntime.sleep(1)\nprint('bg end')\n6 * 7")
     tagged = send_execute(pk, "print('from a tagged cell')", metadata={"tags": ["bg"]})
     by_metadata = send_execute(
         pk, "import asyncio\nawait asyncio.sleep(0.1)\nprint('task')", metadata={"polycell": {"mode": "task"}}
     )
-    # Hang guards: these replies come while the foreground still sleeps (4 s < its 5 s).
-    replies = {msg_id: pk.reply(msg_id, timeout=4) for msg_id in (bg, tagged, by_metadata)}
+    replies = {msg_id: pk.reply(msg_id, timeout=30) for msg_id in (bg, tagged, by_metadata)}
     assert still_busy(pk, fg)
     jobs = {msg_id: pk.job_id(msg_id) for msg_id in (bg, tagged, by_metadata)}
     for msg_id, job in jobs.items():
-        pk.wait_job_end(job, timeout=4)
+        pk.wait_job_end(job, timeout=30)
         assert still_busy(pk, fg), "a background cell waited for the foreground"
         assert replies[msg_id]["content"]["status"] == "ok"
         for msg in pk.job_messages(job):  # the job's output carries its own request's header
@@ -285,6 +288,10 @@ def test_bg_and_tagged_cells_start_while_the_foreground_sleeps(pk):
     assert pk.text(bg) == "from %%bg\nbg end\n"
     assert pk.text(tagged) == "from a tagged cell\n"
     assert pk.text(by_metadata) == "task\n"
+    assert still_busy(pk, fg)
+    pk.run("%%bg\nfg_release.set()")
+    fg_count = pk.reply(fg)["content"]["execution_count"]
+    pk.wait_idle(fg)
     assert pk.eval(f"jobs[{jobs[by_metadata]}].mode") == "task"
     # Each background request had its own busy / execute_input / idle, before the foreground ended.
     fg_idle = idle_index(pk, fg)
@@ -298,7 +305,6 @@ def test_bg_and_tagged_cells_start_while_the_foreground_sleeps(pk):
         ]
         counts.append(started["content"]["execution_count"])
         assert replies[msg_id]["content"]["execution_count"] == counts[-1]
-    fg_count = pk.reply(fg)["content"]["execution_count"]
     assert len({fg_count, *counts}) == 4, "execution counts collide"
     assert pk.run("1")["content"]["execution_count"] > max(fg_count, *counts)
     assert "foreground finished" in pk.text(fg)
@@ -325,13 +331,13 @@ def test_kill_a_job_while_the_main_thread_sleeps(pk):
     job = pk.job_id(bg)
     fg = start_foreground(pk)
     kill = pk.execute(f"%job kill {job}")
-    assert pk.reply(kill, timeout=4)["content"]["status"] == "ok"
-    pk.wait_job_end(job, timeout=4)
+    assert pk.reply(kill, timeout=30)["content"]["status"] == "ok"
+    pk.wait_job_end(job, timeout=30)
     pk.wait_idle(kill)  # iopub and shell are different sockets: the reply may overtake the text
     assert still_busy(pk, fg)
     assert pk.text(kill) == f"job {job} killed\n"
     table = pk.execute("%jobs")
-    pk.reply(table, timeout=4)
+    pk.reply(table, timeout=30)
     pk.wait_idle(table)
     assert still_busy(pk, fg)
     (shown,) = [m for m in pk.outputs(table) if m["msg_type"] == "display_data"]
@@ -352,15 +358,15 @@ def test_bad_background_requests_give_one_line_and_the_kernel_goes_on(pk):
     }
     for code, expected in cases.items():
         msg_id = pk.execute(code)
-        reply = pk.reply(msg_id, timeout=4)
-        pk.wait_idle(msg_id, timeout=4)
+        reply = pk.reply(msg_id, timeout=30)
+        pk.wait_idle(msg_id, timeout=30)
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == "UsageError"
         assert pk.error_line(msg_id).startswith(expected), (code, pk.error_line(msg_id))
         assert "\n" not in pk.error_line(msg_id)
     tagged = send_execute(pk, "1", metadata={"tags": ["bg:warp"]})
-    assert pk.reply(tagged, timeout=4)["content"]["status"] == "error"
-    pk.wait_idle(tagged, timeout=4)
+    assert pk.reply(tagged, timeout=30)["content"]["status"] == "error"
+    pk.wait_idle(tagged, timeout=30)
     assert pk.error_line(tagged).startswith("UsageError: unknown mode 'warp'")
     assert still_busy(pk, fg)
     interrupt(pk)
@@ -382,8 +388,8 @@ def test_a_background_cell_that_fails_to_start_still_replies_and_goes_idle(pk):
     refused = pk.execute("%%bg\nprint('never')")
     replies = {}
     for msg_id, ename in ((syntax, "SyntaxError"), (tagged, "RuntimeError"), (refused, "UsageError")):
-        reply = replies[msg_id] = pk.reply(msg_id, timeout=4)  # hang guard: the foreground sleeps 5 s
-        pk.wait_idle(msg_id, timeout=4)
+        reply = replies[msg_id] = pk.reply(msg_id, timeout=30)  # hang guard
+        pk.wait_idle(msg_id, timeout=30)
         assert still_busy(pk, fg)
         assert reply["content"]["status"] == "error"
         assert reply["content"]["ename"] == ename
@@ -407,11 +413,17 @@ def test_a_background_cell_that_fails_to_start_still_replies_and_goes_idle(pk):
     assert pk.text(ok) == "threads again\n"
 
 
-def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk):
+def held_until(path: Path) -> str:
+    """A foreground cell that runs until `path` exists, then ends normally (no interrupt)."""
+    return f"import os, time\nwhile not os.path.exists({str(path)!r}):\n    time.sleep(0.01)"
+
+
+def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk, tmp_path):
     """A %%bg cell waits for the cells queued before it; only a running cell is overtaken."""
-    sleeping = pk.execute("import time\ntime.sleep(3)")
-    define = pk.execute("x = 41")  # queued behind the sleep
+    sleeping = start_foreground(pk, held_until(tmp_path / "go"))
+    define = pk.execute("x = 41")  # queued behind the running cell
     bg = send_execute(pk, "%%bg\nprint(x + 1)", user_expressions={"y": "x"})
+    (tmp_path / "go").touch()
     job = pk.job_id(bg)
     pk.wait_job_end(job)
     assert pk.text(bg) == "42\n"
@@ -422,19 +434,20 @@ def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk):
     # carries no user_expressions (they are user code; the main thread is running).
     fg = start_foreground(pk)
     bg = send_execute(pk, "%%bg\nprint(x + 2)", user_expressions={"y": "x"})
-    reply = pk.reply(bg, timeout=4)
+    reply = pk.reply(bg, timeout=30)
     assert reply["content"]["user_expressions"] == {}
-    pk.wait_job_end(pk.job_id(bg), timeout=4)
+    pk.wait_job_end(pk.job_id(bg), timeout=30)
     assert still_busy(pk, fg)
     assert pk.text(bg) == "43\n"
     interrupt(pk)
     pk.reply(fg)
 
 
-def test_run_all_aborts_a_bg_cell_queued_below_a_failing_cell(pk):
-    pk.execute("import time\ntime.sleep(2)")
+def test_run_all_aborts_a_bg_cell_queued_below_a_failing_cell(pk, tmp_path):
+    start_foreground(pk, held_until(tmp_path / "go"))
     failing = pk.execute("1 / 0")  # queued; stop_on_error aborts what is queued after it
     bg = pk.execute("%%bg\nprint('must not run')")
+    (tmp_path / "go").touch()
     assert pk.reply(failing)["content"]["ename"] == "ZeroDivisionError"
     assert pk.reply(bg)["content"]["status"] == "aborted"
     pk.wait_idle(bg)
@@ -545,14 +558,14 @@ def test_interrupt_spares_programs_started_by_thread_jobs(pk):
 def test_input_in_a_job_prompts_in_the_jobs_own_cell(pk):
     fg = start_foreground(pk)
     bg = pk.execute("%%bg\nprint('before')\nname = input('who? ')\nprint('hello', name)", allow_stdin=True)
-    pk.reply(bg, timeout=4)
+    pk.reply(bg, timeout=30)
     job = pk.job_id(bg)
-    request = pk.kc.get_stdin_msg(timeout=4)
+    request = pk.kc.get_stdin_msg(timeout=30)
     assert request["msg_type"] == "input_request"
     assert request["parent_header"]["msg_id"] == bg
     assert request["content"] == {"prompt": "who? ", "password": False}
     pk.kc.input("polycell")
-    pk.wait_job_end(job, timeout=4)
+    pk.wait_job_end(job, timeout=30)
     assert still_busy(pk, fg)
     assert pk.text(bg) == "before\nhello polycell\n"
     interrupt(pk)
@@ -695,7 +708,7 @@ def test_matplotlib_inline_comms_debugger_and_subshells(pk):
     msg = pk.kc.session.msg("execute_request", {"code": "6 * 7", "silent": False})
     msg["header"]["subshell_id"] = subshell
     pk.kc.shell_channel.send(msg)
-    reply = pk.reply(msg["header"]["msg_id"], timeout=4)
+    reply = pk.reply(msg["header"]["msg_id"], timeout=30)
     assert reply["content"]["status"] == "ok"
     assert still_busy(pk, fg)
     control("delete_subshell_request", {"subshell_id": subshell})
