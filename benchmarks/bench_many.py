@@ -1,11 +1,18 @@
-"""1,000 task jobs and 200 thread jobs at once, in a real polycell kernel: all finish, none lost.
+"""1,000 task jobs and 200 thread jobs at once, in a real kernel: all finish, none lost.
 
-1,000 ``%%bg --mode task`` cells (``await asyncio.sleep(0.5)``) and 200 ``%%bg``
-thread cells (``time.sleep(0.5)``) are sent back to back, as a front end would
-send them. Each prints its own number when it wakes. Bar: every job ends
-``done``, and every cell shows exactly its own line (no output lost, none in
-the wrong cell). The figure is the wall time from the first request to the
-last job's end; run one after another they would take 600 s.
+1,000 async cells (``await asyncio.sleep(0.5)``) and 200 blocking cells
+(``time.sleep(0.5)``) are sent back to back, as a front end would send them,
+each printing its own number when it wakes:
+
+* polycell kernel: ``%%bg --mode task`` and ``%%bg`` (thread) cells; a cell is
+  done when its job is;
+* async-kernel, the peer: its ``# task`` and ``# thread`` first-line
+  conventions; a cell is done when its reply has come.
+
+Bar (polycell): every job ends ``done`` and every cell shows exactly its own
+line (no output lost, none in the wrong cell). The figure is the wall time
+from the first request to the last cell done; one after another they would
+take 600 s.
 """
 
 from __future__ import annotations
@@ -16,24 +23,34 @@ from collections import defaultdict
 
 from harness import KernelSession, Row, print_rows
 
-BENCH = "1,000 task + 200 thread jobs"
+BENCH = "1,000 task + 200 thread cells"
 TASKS, THREADS, SLEEP = 1000, 200, 0.5
 POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
+ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_file={connection_file}"]
 
 
-def _cells() -> list[tuple[int, str]]:
-    task = "%%bg --mode task\nawait asyncio.sleep({sleep})\nprint({n})"
-    thread = "%%bg\ntime.sleep({sleep})\nprint({n})"
-    cells = [(n, task.format(sleep=SLEEP, n=n)) for n in range(TASKS)]
-    cells += [(n, thread.format(sleep=SLEEP, n=n)) for n in range(TASKS, TASKS + THREADS)]
+def _cells(task_head: str, thread_head: str) -> list[tuple[int, str]]:
+    cells = [(n, f"{task_head}\nawait asyncio.sleep({SLEEP})\nprint({n})") for n in range(TASKS)]
+    cells += [(n, f"{thread_head}\ntime.sleep({SLEEP})\nprint({n})") for n in range(TASKS, TASKS + THREADS)]
     return cells
 
 
-def run() -> list[Row]:
+def _wrong_cells(session: KernelSession, sent: dict[str, int]) -> int:
+    """How many cells do not show exactly their own line."""
+    text: dict[str, str] = defaultdict(str)
+    with session._cond:
+        for msg in session.messages:
+            parent = msg["parent_header"].get("msg_id")
+            if parent in sent and msg["msg_type"] == "stream":
+                text[parent] += msg["content"]["text"]
+    return sum(text[msg_id] != f"{n}\n" for msg_id, n in sent.items())
+
+
+def _polycell() -> Row:
     session = KernelSession(POLYCELL_KERNEL, load_ext=False)
     try:
         session.run("import asyncio, time")
-        cells = _cells()
+        cells = _cells("%%bg --mode task", "%%bg")
         t0 = time.perf_counter()
         sent = {session.execute(code): n for n, code in cells}
         deadline = time.monotonic() + 300
@@ -44,18 +61,33 @@ def run() -> list[Row]:
         elapsed = time.perf_counter() - t0
         statuses = session.eval("sorted({j.status.value for j in jobs})")
         session.run("1")  # every job's output was published before this cell's idle
-        text: dict[str, str] = defaultdict(str)
-        with session._cond:
-            for msg in session.messages:
-                parent = msg["parent_header"].get("msg_id")
-                if parent in sent and msg["msg_type"] == "stream":
-                    text[parent] += msg["content"]["text"]
-        wrong = [msg_id for msg_id, n in sent.items() if text[msg_id] != f"{n}\n"]
+        wrong = _wrong_cells(session, sent)
     finally:
         session.close()
     ok = statuses == ["done"] and not wrong
-    extra = {"jobs": len(cells), "statuses": statuses, "cells with wrong output": len(wrong)}
-    return [Row(BENCH, "polycell kernel", elapsed, "s", "all done, every line in its cell", ok, extra)]
+    extra = {"jobs": len(cells), "statuses": statuses, "cells with wrong output": wrong}
+    return Row(BENCH, "polycell kernel %%bg", elapsed, "s", "all done, each line in its cell", ok, extra)
+
+
+def _async_kernel() -> Row:
+    session = KernelSession(ASYNC_KERNEL, load_ext=False)
+    try:
+        session.run("import asyncio, time")
+        cells = _cells("# task", "# thread")
+        t0 = time.perf_counter()
+        sent = {session.execute(code): n for n, code in cells}
+        errors = sum(session.reply(msg_id, timeout=300)["content"]["status"] != "ok" for msg_id in sent)
+        elapsed = time.perf_counter() - t0
+        session.run("1")
+        wrong = _wrong_cells(session, sent)
+    finally:
+        session.close()
+    extra = {"cells": len(cells), "error replies": errors, "cells with wrong output": wrong}
+    return Row(BENCH, "async-kernel # task / # thread", elapsed, "s", extra=extra)
+
+
+def run() -> list[Row]:
+    return [_polycell(), _async_kernel()]
 
 
 if __name__ == "__main__":

@@ -186,10 +186,15 @@ class KernelSession:
             ]
 
     def wait_job_end(self, job_id: int, timeout: float = 30) -> Msg:
-        """The handle update that says job `job_id` ended (done, failed or killed)."""
+        """The handle message that says job `job_id` ended (done, failed or killed).
+
+        Usually an update of the handle; for a job that ended before its handle
+        was even sent, the handle itself (the publisher sends a display once per
+        batch, in its latest state).
+        """
 
         def ended(m: Msg) -> bool:
-            if m["msg_type"] != "update_display_data":
+            if m["msg_type"] not in ("update_display_data", "display_data"):
                 return False
             if m.get("metadata", {}).get("polycell", {}).get("job") != job_id:
                 return False

@@ -76,12 +76,14 @@ def test_show_replays_then_follows_live_in_another_client(kernel, second_client)
         outputs = [m for m in b.outputs(show) if m.get("metadata", {}).get("polycell", {}).get("job") == job]
         # Every line once, in order: the replayed half, the display, the live half, the traceback.
         assert b.text(show) == _expected(0, LINES)
-        kinds = [m["msg_type"] for m in outputs if m["msg_type"] != "update_display_data"]
-        assert kinds.index("display_data") < kinds.index("error")
+        half_way = next(  # the job's own display (the first display_data is its handle)
+            i
+            for i, m in enumerate(outputs)
+            if m["msg_type"] == "display_data" and "half way" in m["content"]["data"].get("text/html", "")
+        )
+        assert half_way < [m["msg_type"] for m in outputs].index("error")
         text_before_display = "".join(
-            m["content"]["text"]
-            for m in outputs[: [m["msg_type"] for m in outputs].index("display_data")]
-            if m["msg_type"] == "stream"
+            m["content"]["text"] for m in outputs[:half_way] if m["msg_type"] == "stream"
         )
         assert text_before_display == _expected(0, HALF)
         assert outputs[-1]["msg_type"] in ("error", "update_display_data")

@@ -11,11 +11,10 @@ import atexit
 import contextvars
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
-
-from IPython.display import display
 
 from polycell import view
 from polycell.cell import CompiledCell, compile_cell
@@ -232,15 +231,24 @@ class Polycell:
     def _follow(self, job: Job, *, replay: bool) -> None:
         parent = self.shell.parent_header
         handle = JobHandle(job)
-        display(handle.bundle(), raw=True, display_id=handle.display_id)
+
+        def show(msg_type: str) -> None:
+            transient = {"display_id": handle.display_id}
+            content = {"data": handle.bundle(), "metadata": {}, "transient": transient}
+            self.publisher.send(job.id, parent, {"msg_type": msg_type, "content": content})
 
         def update() -> None:
-            content = {
-                "data": handle.bundle(),
-                "metadata": {},
-                "transient": {"display_id": handle.display_id},
-            }
-            self.publisher.send(job.id, parent, {"msg_type": "update_display_data", "content": content})
+            show("update_display_data")
+
+        if threading.current_thread() is threading.main_thread():
+            # What the cell printed before it started the job comes first, as with
+            # display(). (A cell the kernel starts from its shell channel thread
+            # has printed nothing, and that flush is a wait for ipykernel's iopub thread.)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        # Through the publisher, like every later update: in order with them, and
+        # without blocking the thread that starts the job.
+        show("display_data")
 
         job.add_state_listener(lambda changed: None if changed.done else update())
         # The final update is sent after the job's last output, so the handle never

@@ -99,6 +99,7 @@ class IOPubPublisher:
 
     def _publish_batch(self, items: list[Any]) -> bool:
         """Send a batch; True when the publisher was asked to stop."""
+        items = _coalesce_display_updates(items)
         pending: tuple[int, dict[str, Any], str] | None = None
         texts: list[str] = []
         size = 0
@@ -155,3 +156,35 @@ class IOPubPublisher:
             )
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop all output
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)
+
+
+def _coalesce_display_updates(items: list[Any]) -> list[Any]:
+    """Drop each ``update_display_data`` that a batch already shows, giving its data to the earlier message.
+
+    A display's later message replaces what the earlier showed, so when both
+    wait in one batch (a busy kernel; a loop calling ``handle.update``), only
+    the first is sent, carrying the last one's data. Keyed by display id and
+    cell: a ``display_data`` is never dropped, and another cell's is never merged.
+    """
+    carrier: dict[tuple[str, str], int] = {}  # (display id, cell) -> index of the message sent
+    out: list[Any] = list(items)
+    for index, item in enumerate(items):
+        if not isinstance(item, tuple) or item[2] is None:
+            continue
+        _, parent, record, _ = item
+        if record["msg_type"] not in ("display_data", "update_display_data"):
+            continue
+        display_id = (record["content"].get("transient") or {}).get("display_id")
+        if display_id is None:
+            continue
+        key = (display_id, parent.get("msg_id", ""))
+        first = carrier.get(key)
+        if record["msg_type"] == "display_data" or first is None:
+            carrier[key] = index
+            continue
+        job_id, first_parent, shown, on_end = out[first]
+        content = {**shown["content"], "data": record["content"]["data"]}
+        content["metadata"] = record["content"].get("metadata", {})
+        out[first] = (job_id, first_parent, {"msg_type": shown["msg_type"], "content": content}, on_end)
+        out[index] = None
+    return [item for item in out if item is not None]

@@ -456,14 +456,15 @@ class PolycellKernel(_Ipykernel74):
         except (UsageError, JobError) as exc:
             error = exc if isinstance(exc, UsageError) else UsageError(str(exc))
             self.shell.show_usage_error(error)
+            _flush_std_streams()
             return {"status": "error", "execution_count": count, "ename": "UsageError", "evalue": str(error),
                     "traceback": []}  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - shown in the cell, and the cell replies
             return {"status": "error", "execution_count": count, **self._show_error(exc, request)}
-        finally:
-            # As ipykernel does before a reply: what the cell printed goes out first.
-            sys.stdout.flush()
-            sys.stderr.flush()
+        if action.kind == "line_magic":  # %job kill, %job wait print
+            _flush_std_streams()
+        # A started job printed nothing here (its output goes through the publisher),
+        # and skipping the flush, a wait for ipykernel's iopub thread, makes its start cheaper.
         # user_expressions are not evaluated here: they are arbitrary user code, and
         # this thread runs at the same time as the main thread's cell.
         return {"status": "ok", "execution_count": count, "payload": [], "user_expressions": {}}
@@ -489,8 +490,7 @@ class PolycellKernel(_Ipykernel74):
         except Exception:  # noqa: BLE001 - the formatter failed: the plain line will do
             stb = [f"{type(exc).__name__}: {exc}"]
         error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": list(stb)}
-        sys.stdout.flush()  # as ipykernel: what the cell printed comes before its error
-        sys.stderr.flush()
+        _flush_std_streams()  # as ipykernel: what the cell printed comes before its error
         self._publish_error(error, request)
         return error
 
@@ -589,6 +589,12 @@ class PolycellKernel(_Ipykernel74):
         if running:
             self.log.info("polycell: %d job(s) killed: %s", len(running), reason)
         return running
+
+
+def _flush_std_streams() -> None:
+    """What this request printed goes out before its reply, as ipykernel does."""
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _waits_for_a_job(action: OutOfQueue) -> bool:

@@ -8,6 +8,7 @@ with no traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import threading
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -57,13 +58,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message.strip() if message else f"{self.prog}: see {self.prog}?")
 
 
-def _bg_parser(prog: str, *, statement: bool) -> _Parser:
+@functools.cache  # building one costs more than starting a job; parsing does not change it
+def _bg_parser(prog: str) -> _Parser:
     parser = _Parser(prog=prog, add_help=False)
     parser.add_argument("--mode", choices=list(MODES), default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--backend", default=None)
-    if statement:
-        parser.add_argument("statement", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -107,14 +107,14 @@ class PolycellMagics(Magics):
         the cell has a top-level await, else thread. ``--backend trio`` runs a
         task job on a trio event loop instead of asyncio.
         """
-        args = _bg_parser("%%bg", statement=False).parse_args(_split(line, "%%bg"))
+        args = _bg_parser("%%bg").parse_args(_split(line, "%%bg"))
         self._start(cell, args.mode, args.name, args.backend)
 
     @line_magic("bg")
     def bg_line(self, line: str) -> None:
         """Run one statement as a background job: %bg [--mode M] [--name NAME] STATEMENT"""
         options, statement = _split_line_options(line)
-        args = _bg_parser("%bg", statement=False).parse_args(_split(options, "%bg"))
+        args = _bg_parser("%bg").parse_args(_split(options, "%bg"))
         if not statement.strip():
             raise UsageError("%bg: give a statement to run, e.g. %bg time.sleep(5)")
         self._start(statement, args.mode, args.name, args.backend)
