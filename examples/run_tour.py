@@ -38,9 +38,9 @@ def main() -> int:
     parser.add_argument("--kernel", default=None, help="kernel name (default: the notebook's)")
     args = parser.parse_args()
     nb = nbformat.read(args.notebook, as_version=4)
-    client = NotebookClient(nb, timeout=300, kernel_name=args.kernel or nb.metadata.get("kernelspec", {}).get("name", "python3"))
-    client.execute()
-    for index, cell in enumerate(nb.cells):
+    kernel_name = args.kernel or nb.metadata.get("kernelspec", {}).get("name", "python3")
+    NotebookClient(nb, timeout=300, kernel_name=kernel_name).execute()
+    for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         print(f"\n── In [{cell.execution_count}] " + "─" * 50)

@@ -13,6 +13,8 @@ import pytest
 
 from kernel_session import KernelSession
 
+POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
+
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
@@ -330,11 +332,12 @@ def test_kill_of_a_task_blocked_in_c_says_so(dask_kernel):
 def test_a_name_that_cannot_be_pickled_is_named(dask_kernel):
     kernel = dask_kernel
     kernel.run("import threading\nguard = threading.Lock()")
-    reply = kernel.run("%%bg --mode dask\nwith guard:\n    pass")
-    line = kernel.error_line(reply)
-    assert line.startswith("UsageError: %%bg --mode dask: cannot send 'guard' (lock) to the cluster")
-    assert "\n" not in line
-    assert kernel.eval("len(jobs)") == 0
+    msg_id = kernel.execute("%%bg --mode dask\nwith guard:\n    pass")
+    job = kernel.job_id(msg_id)
+    kernel.wait_job_end(job, timeout=60)
+    (line,) = kernel.text(msg_id, "stderr").splitlines()
+    assert line.startswith(f"[job {job}: %%bg --mode dask: cannot send 'guard' (lock) to the cluster")
+    assert kernel.eval(f"jobs[{job}].status.value") == "failed"
 
 
 def test_map_spreads_over_the_cluster_workers(dask_kernel):
@@ -376,11 +379,32 @@ def test_unreachable_scheduler_is_one_line_within_the_timeout(kernel):
         f"dask: cannot reach the scheduler at tcp://127.0.0.1:{port}"
     )
     assert "\n" not in reply["content"]["evalue"]
-    # The same through the environment variable, for %%bg.
+    # The same through the environment variable, for %%bg: the cell returns at once, its job fails.
     kernel.run(f"import os\nos.environ['DASK_SCHEDULER_ADDRESS'] = 'tcp://127.0.0.1:{port}'")
-    reply = kernel.run("%%bg --mode dask\n1 + 1", timeout=60)
-    assert kernel.error_line(reply).startswith("UsageError: dask: cannot reach the scheduler")
-    assert kernel.eval("len(jobs)") == 0
+    msg_id = kernel.execute("%%bg --mode dask\n1 + 1")
+    job = kernel.job_id(msg_id)
+    kernel.wait_job_end(job, timeout=60)
+    (line,) = kernel.text(msg_id, "stderr").splitlines()
+    assert line.startswith(f"[job {job}: dask: cannot reach the scheduler at tcp://127.0.0.1:{port}")
+
+
+def test_connecting_to_the_cluster_does_not_hold_up_other_cells():
+    """In the polycell kernel a dask cell starts from the shell channel thread, which routes every request."""
+    port = _closed_port()
+    session = KernelSession(POLYCELL_KERNEL, load_ext=False)
+    try:
+        session.run(f"import os\nos.environ['DASK_SCHEDULER_ADDRESS'] = 'tcp://127.0.0.1:{port}'")
+        dask_cell = session.execute("%%bg --mode dask\n1 + 1")
+        dask_job = session.job_id(dask_cell)
+        other = session.execute("%%bg\nprint('not held up')")
+        other_job = session.job_id(other)
+        session.wait_job_end(other_job)
+        assert session.text(other) == "not held up\n"
+        assert session.eval(f"jobs[{dask_job}].status.value") == "pending"  # still connecting
+        session.wait_job_end(dask_job, timeout=60)
+        assert "cannot reach the scheduler" in session.text(dask_cell, "stderr")
+    finally:
+        session.close()
 
 
 def test_without_dask_installed_the_message_says_how_to_install_it(tmp_path, monkeypatch):
@@ -429,6 +453,28 @@ def test_default_local_cluster_is_started_on_first_use_and_closed_at_shutdown(mo
         while session.eval(f"len({workers})") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert session.eval(f"[p.cmdline() for p in {workers}]") == []
+    finally:
+        session.close()
+
+
+def test_the_kernels_interrupt_does_not_reach_a_local_clusters_workers(monkeypatch):
+    """They share the kernel's process group, which the kernel's interrupt signals as a whole."""
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    session = KernelSession()
+    try:
+        # Started by a foreground cell: its workers are spawned while SIGINT would raise.
+        session.run("import polycell, psutil\n_ = polycell.use_dask()", timeout=120)
+        workers = "sorted(p.pid for p in psutil.Process().children() if 'spawn' in ' '.join(p.cmdline()))"
+        pids = session.eval(workers)
+        assert pids
+        fg = session.start_foreground("import time\ntime.sleep(300)")
+        session.km.interrupt_kernel()
+        assert session.reply(fg, timeout=30)["content"]["ename"] == "KeyboardInterrupt"
+        cell = session.execute("%%bg --mode dask\n6 * 7")
+        job = session.job_id(cell)
+        session.wait_job_end(job, timeout=120)
+        assert session.eval(f"jobs[{job}].result") == 42
+        assert session.eval(workers) == pids
     finally:
         session.close()
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polycell.cell import CompiledCell
-from polycell.interrupts import interrupts_blocked
+from polycell.interrupts import BackgroundThread, interrupts_blocked
 from polycell.job import Job, JobError, JobKilled, Runner, one_line
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskCell", "DaskRunner", "require_distributed"]
@@ -96,12 +96,17 @@ class DaskRunner(Runner):
 
     def __init__(self) -> None:
         require_distributed()
+        #: Guards the tasks and the pools; never held while waiting on the network.
         self._lock = threading.RLock()
+        #: Held while connecting, which can take the whole connect timeout.
+        self._connect_lock = threading.Lock()
         self._client: Any = None
         self._cluster: Any = None
         self._owns_client = False
         self._tasks: dict[int, _Task] = {}
         self._finish_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: Threads connecting, pickling and submitting a cell (`start`).
+        self._starters: set[threading.Thread] = set()
         self._prefix = f"polycell-{uuid.uuid4().hex[:8]}"
 
     # -- the cluster ---------------------------------------------------------------------------
@@ -110,7 +115,7 @@ class DaskRunner(Runner):
         """Switch to a given `distributed.Client` or scheduler address (None: the default choice)."""
         from distributed import Client
 
-        with self._lock:
+        with self._connect_lock:
             if isinstance(client_or_address, Client):
                 self._release()
                 self._client = client_or_address
@@ -126,7 +131,7 @@ class DaskRunner(Runner):
     @property
     def client(self) -> Any:
         """The client, connected (or a LocalCluster started) on first use."""
-        with self._lock:
+        with self._connect_lock:
             if self._client is None:
                 self._connect(None, DEFAULT_CONNECT_TIMEOUT)
             return self._client
@@ -144,7 +149,12 @@ class DaskRunner(Runner):
         if address is None:
             import logging
 
-            self._cluster = LocalCluster(processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
+            self._cluster = LocalCluster(
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+                preload=["polycell.dask_worker"],  # its dask_setup: the kernel's interrupt is not theirs
+            )
             self._client = Client(self._cluster, set_as_default=False)
         else:
             try:
@@ -187,6 +197,61 @@ class DaskRunner(Runner):
         return DaskCell(cloudpickle.dumps(cell), names)
 
     # -- running ------------------------------------------------------------------------------------
+
+    def start(
+        self,
+        job: Job,
+        cell: CompiledCell,
+        namespace: dict[str, Any],
+        hidden: Iterable[str],
+        finish: Callable[[Any, dict[str, Any]], None],
+    ) -> Job:
+        """Start a cell's job; connecting, pickling and submitting happen on a thread of their own.
+
+        Those can take seconds (a scheduler that does not answer until the
+        connect timeout, a large array to pickle), and the thread that starts a
+        cell must not wait: in the polycell kernel it routes every other
+        request. The values of the names the cell reads are taken now, so a
+        foreground cell that rebinds one afterwards does not change what is
+        sent. What fails on the way (an unreachable scheduler, a value that
+        will not pickle) fails the job, with one line in its cell.
+        """
+        self._prepare(job)
+        skip = set(hidden)
+        values = {name: namespace[name] for name in cell.free if name in namespace and name not in skip}
+        starter = BackgroundThread(
+            target=self._ship_and_submit,
+            args=(job, cell, values, finish),
+            name=f"polycell-dask-start-{job.id}",
+            daemon=True,
+        )
+        with self._lock:
+            self._starters.add(starter)
+        starter.start()
+        return job
+
+    def _ship_and_submit(
+        self,
+        job: Job,
+        cell: CompiledCell,
+        values: dict[str, Any],
+        finish: Callable[[Any, dict[str, Any]], None],
+    ) -> None:
+        try:
+            if job.done:  # killed while waiting to start
+                return
+            try:
+                self.client  # noqa: B018 - connect (or start the local cluster) on first use
+                body = self.ship(cell, values)
+            except JobError as exc:
+                job.journal.write("stderr", f"[job {job.id}: {exc}]\n")
+                job._set_exception(exc)
+                return
+            body.finish = finish
+            self.submit(job, body)
+        finally:
+            with self._lock:
+                self._starters.discard(threading.current_thread())
 
     def submit(self, job: Job, body: DaskCell) -> Job:
         from polycell.dask_worker import run_cell
@@ -421,6 +486,10 @@ class DaskRunner(Runner):
 
     def shutdown(self, timeout: float = 2.0) -> None:
         with self._lock:
+            starters = list(self._starters)
+        for starter in starters:  # their jobs were killed: each stops at its next step
+            starter.join(timeout)
+        with self._lock:
             tasks = list(self._tasks.values())
             self._tasks.clear()
             client = self._client
@@ -438,5 +507,5 @@ class DaskRunner(Runner):
             task.job._set_killed(JobKilled(f"job {task.job.id} was killed: the kernel shut down"))
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=False)
-        with self._lock:
+        with self._connect_lock:
             self._release()

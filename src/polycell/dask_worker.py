@@ -31,6 +31,7 @@ import contextvars
 import datetime
 import linecache
 import numbers
+import signal
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ from polycell.job import JobKilled
 from polycell.routing import RoutedStream
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
-__all__ = ["interrupt_cell", "map_chunk", "run_cell"]
+__all__ = ["dask_setup", "interrupt_cell", "map_chunk", "run_cell"]
 
 Record = dict[str, Any]
 
@@ -55,6 +56,19 @@ _EVENT_CHARS = 32_000
 _EVENT_SECONDS = 0.1
 #: IPython's traceback colours for a dask cell's error (ipykernel 7.4's default ``colors``).
 TRACEBACK_THEME = "neutral"
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload of the worker processes of a `LocalCluster` the kernel starts: ignore SIGINT.
+
+    Those processes are in the kernel's process group, which the kernel's
+    interrupt (■) signals as a whole; a KeyboardInterrupt there would take a
+    worker down with the foreground cell. A worker process runs its preloads
+    on its main thread; a threaded worker inside the kernel does not, and is
+    left alone.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _install_capture() -> None:

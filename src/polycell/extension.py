@@ -197,9 +197,7 @@ class Polycell:
         self.jobs.runner("process").submit(job, in_child, namespace=self.shell.user_ns, names=cell.assigned)
 
     def _run_dask(self, runner: Any, cell: CompiledCell, raw_cell: str, name: str | None, count: int) -> Job:
-        """Ship the cell and the names it reads to the cluster; bring assigned names back."""
-        runner.client  # noqa: B018 - connect now, so an unreachable scheduler is this cell's error
-        body = runner.ship(cell, self.shell.user_ns, self._hidden_names())
+        """Send the cell and the names it reads to the cluster; bring assigned names back."""
         job = self.jobs.new_job("dask", name=name, source=raw_cell)
         shell = self.shell
 
@@ -207,9 +205,8 @@ class Polycell:
             shell.user_ns.update(names)
             write_result(job, shell, value, count)
 
-        body.finish = finish
         self.attach(job)
-        runner.submit(job, body)
+        runner.start(job, cell, self.shell.user_ns, self._hidden_names(), finish)
         return job
 
     def _hidden_names(self) -> list[str]:
