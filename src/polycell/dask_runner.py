@@ -243,9 +243,10 @@ class DaskRunner(Runner):
             try:
                 self.client  # noqa: B018 - connect (or start the local cluster) on first use
                 body = self.ship(cell, values)
-            except JobError as exc:
-                job.journal.write("stderr", f"[job {job.id}: {exc}]\n")
-                job._set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the job's cell says it
+                error = exc if isinstance(exc, JobError) else JobError(f"dask: {one_line(exc)}")
+                job.journal.write("stderr", f"[job {job.id}: {error}]\n")
+                job._set_exception(error)
                 return
             body.finish = finish
             self.submit(job, body)

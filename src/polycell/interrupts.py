@@ -12,11 +12,11 @@ load, with jobs starting threads and processes while the user pressed ■.
 
 So every thread but the main one keeps SIGINT blocked:
 
-* polycell's own threads (job threads, event loops, the publisher, the forker
-  and the rest) are `BackgroundThread`\\ s;
+* each of polycell's own threads (job threads, event loops, the publisher,
+  the forker and the rest) is a `BackgroundThread`;
 * the polycell kernel blocks SIGINT in its main thread while ipykernel starts
   its threads, which inherit the mask, and unblocks it there once the event
-  loop runs (`interrupts_blocked`).
+  loop runs (`polycell.kernelapp`).
 
 A program started from a job's thread (``!cmd``, ``subprocess``) inherits
 that mask as it inherits every signal mask, so the kernel's interrupt does not

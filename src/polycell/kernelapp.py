@@ -8,13 +8,14 @@ interrupt always wakes the main thread (see `polycell.interrupts`).
 
 from __future__ import annotations
 
-import signal
-from functools import partial
+import contextlib
 from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
 from tornado.ioloop import IOLoop
 from traitlets import Type
+
+from polycell.interrupts import interrupts_blocked
 
 __all__ = ["PolycellKernelApp", "main"]
 
@@ -29,19 +30,17 @@ class PolycellKernelApp(IPKernelApp):
 
     def initialize(self, argv: Any = None) -> None:
         # Every thread ipykernel starts from here on (iopub, heartbeat, control,
-        # shell channel, the parent poller) inherits this mask; `start` lifts it
-        # for the main thread alone, once its event loop runs.
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # shell channel, the parent poller) inherits the blocked SIGINT; `start`
+        # lifts it for the main thread alone, once its event loop runs.
+        self._starting_threads = contextlib.ExitStack()
+        self._starting_threads.enter_context(interrupts_blocked())
         super().initialize(argv)
 
     def start(self) -> None:
-        if hasattr(signal, "pthread_sigmask"):
-            unblock = partial(signal.pthread_sigmask, signal.SIG_UNBLOCK, {signal.SIGINT})
-            if self.trio_loop:  # no tornado loop will run: lift it now
-                unblock()
-            else:
-                IOLoop.current().add_callback(unblock)
+        if self.trio_loop:  # no tornado loop will run: lift it now
+            self._starting_threads.close()
+        else:
+            IOLoop.current().add_callback(self._starting_threads.close)
         super().start()
 
 
