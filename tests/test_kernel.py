@@ -552,6 +552,28 @@ def test_interrupt_spares_programs_started_by_thread_jobs(pk):
     assert pk.eval(f"jobs[{job}].result") == 0  # -2 had SIGINT reached it
 
 
+@pytest.mark.parametrize("cell", ["%%bg\nimport time\ntime.sleep(60)", "%bg 1", "%%bg --mode task\n1"])
+def test_the_handle_comes_before_the_cells_idle(pk, cell):
+    """Front ends that stop listening to a cell at its idle status (nbclient, papermill) still record it.
+
+    Even while another job floods the publisher that sends every job's output
+    (without the wait for the handle, about one cell in two lost it here).
+    """
+    flood = pk.execute("%%bg --name flood\nwhile True:\n    print('x' * 200)")
+    pk.wait_for(lambda m: m["parent_header"].get("msg_id") == flood and m["msg_type"] == "stream")
+    for _ in range(5):
+        msg_id = pk.execute(cell)
+        pk.wait_idle(msg_id)
+        with pk._cond:
+            kinds = [
+                "handle" if m["msg_type"] == "display_data" else m["content"]["execution_state"]
+                for m in pk.messages
+                if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] in ("display_data", "status")
+            ]
+        assert kinds == ["busy", "handle", "idle"]
+    pk.run("_ = [job.kill() for job in jobs.running()]")
+
+
 # -- input() in a job ---------------------------------------------------------------------------
 
 

@@ -243,14 +243,21 @@ class Polycell:
             # has printed nothing, and that flush is a wait for ipykernel's iopub thread.)
             sys.stdout.flush()
             sys.stderr.flush()
-        # Through the publisher, like every later update: in order with them, and
-        # without blocking the thread that starts the job.
+        # Through the publisher, like every later update: in order with them. Then
+        # wait until it is handed to the socket, so that it comes before the cell's
+        # reply and idle status: a front end that stops listening to a cell at its
+        # idle (nbclient, papermill) still records the handle.
         show("display_data")
+        self.publisher.flush(_HANDLE_FLUSH_SECONDS)
 
         job.add_state_listener(lambda changed: None if changed.done else update())
         # The final update is sent after the job's last output, so the handle never
         # says "done" while its traceback is still on its way.
         self.publisher.follow(job, parent, replay=replay, on_end=update)
+
+
+#: How long starting a job waits for its handle to be sent (only a stuck socket takes that long).
+_HANDLE_FLUSH_SECONDS = 2.0
 
 
 def open_store() -> JournalStore | None:
