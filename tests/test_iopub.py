@@ -18,7 +18,7 @@ CELL_A, CELL_B = {"msg_id": "a"}, {"msg_id": "b"}
 STREAM = {"msg_type": "stream", "content": {"name": "stdout", "text": "x\n"}}
 
 
-def test_updates_fold_into_the_first_message_of_their_display_and_cell():
+def test_updates_of_one_display_in_a_batch_go_out_once_in_their_last_state():
     items = [
         (1, CELL_A, _display("display_data", "h", "pending"), None),
         (1, CELL_A, _display("update_display_data", "h", "running"), None),
@@ -28,25 +28,23 @@ def test_updates_fold_into_the_first_message_of_their_display_and_cell():
     before = copy.deepcopy(items)
     out = _coalesce_display_updates(items)
     assert [(item[2]["msg_type"], item[2]["content"].get("data")) for item in out] == [
-        ("display_data", {"text/plain": "done"}),
+        ("display_data", {"text/plain": "pending"}),
+        ("update_display_data", {"text/plain": "done"}),
         ("stream", None),
     ]
-    assert out[0][2]["content"]["transient"] == {"display_id": "h"}
+    assert out[1][2]["content"]["transient"] == {"display_id": "h"}
     assert items == before  # journal records are shared: never changed in place
 
 
-def test_other_cells_other_displays_and_end_markers_are_left_alone():
+def test_displays_other_cells_and_end_markers_are_left_alone():
     end = (1, CELL_A, None, lambda: None)
     items = [
-        (1, CELL_A, _display("display_data", "h", "one"), None),
-        (1, CELL_B, _display("display_data", "h", "one"), None),  # %job show N in another cell
-        (2, CELL_A, _display("update_display_data", "other", "two"), None),  # nothing earlier: kept
+        (1, CELL_A, _display("display_data", "h", "a"), None),
+        (1, CELL_A, _display("display_data", "h", "b"), None),  # dh.display() twice
+        (2, CELL_A, _display("update_display_data", "other", "x"), None),
         end,
-        (1, CELL_B, _display("update_display_data", "h", "three"), None),
+        (1, CELL_A, _display("update_display_data", "h", "c"), None),  # refreshes both: kept
+        (1, CELL_B, _display("update_display_data", "h", "d"), None),  # another cell's: kept
     ]
     out = _coalesce_display_updates(items)
-    assert len(out) == 4
-    assert out[0][2]["content"]["data"] == {"text/plain": "one"}
-    assert out[1][1] is CELL_B and out[1][2]["content"]["data"] == {"text/plain": "three"}
-    assert out[2][2]["msg_type"] == "update_display_data"
-    assert out[3] is end
+    assert out == items

@@ -537,19 +537,23 @@ def test_only_the_main_thread_can_take_the_interrupt(pk):
 def test_interrupt_spares_programs_started_by_thread_jobs(pk):
     """They share the kernel's process group, which ipykernel's interrupt signals as a whole."""
     bg = pk.execute(
-        "%%bg\nimport subprocess\n"
-        "started = subprocess.Popen(['sh', '-c', 'echo started; sleep 2'],\n"
-        "                           stdout=subprocess.PIPE, text=True)\n"
-        "print(started.stdout.readline(), end='', flush=True)\n"
-        "started.wait()"
+        "%%bg\nimport subprocess, threading\n"
+        "release = threading.Event()\n"
+        "child = subprocess.Popen(['sh', '-c', 'echo started; read line; echo got $line'],\n"
+        "                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+        "print(child.stdout.readline(), end='', flush=True)\n"
+        "release.wait(120)\n"
+        "out, _ = child.communicate('go\\n')\n"
+        "(child.returncode, out)"
     )
     job = pk.job_id(bg)
-    fg = start_foreground(pk)
     pk.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
+    fg = start_foreground(pk)  # the child is blocked in `read` all along
     assert interrupt(pk)["content"]["status"] == "ok"
-    assert pk.reply(fg, timeout=10)["content"]["ename"] == "KeyboardInterrupt"
+    assert pk.reply(fg, timeout=30)["content"]["ename"] == "KeyboardInterrupt"
+    pk.run("release.set()")
     pk.wait_job_end(job)
-    assert pk.eval(f"jobs[{job}].result") == 0  # -2 had SIGINT reached it
+    assert pk.eval(f"jobs[{job}].result") == (0, "got go\n")  # (-2, '') had SIGINT reached it
 
 
 @pytest.mark.parametrize("cell", ["%%bg\nimport time\ntime.sleep(60)", "%bg 1", "%%bg --mode task\n1"])

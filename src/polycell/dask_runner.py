@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -105,8 +106,10 @@ class DaskRunner(Runner):
         self._owns_client = False
         self._tasks: dict[int, _Task] = {}
         self._finish_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        #: Threads connecting, pickling and submitting a cell (`start`).
-        self._starters: set[threading.Thread] = set()
+        #: Threads connecting, pickling and submitting a cell (`start`), and their jobs.
+        self._starters: dict[threading.Thread, Job] = {}
+        #: Set by `shutdown`: nothing connects or submits any more.
+        self._closed = False
         self._prefix = f"polycell-{uuid.uuid4().hex[:8]}"
 
     # -- the cluster ---------------------------------------------------------------------------
@@ -132,8 +135,13 @@ class DaskRunner(Runner):
     def client(self) -> Any:
         """The client, connected (or a LocalCluster started) on first use."""
         with self._connect_lock:
+            if self._closed:
+                raise JobError("dask: this runner was shut down")
             if self._client is None:
                 self._connect(None, DEFAULT_CONNECT_TIMEOUT)
+                if self._closed:  # shut down while this connected: nothing may use it now
+                    self._release()
+                    raise JobError("dask: this runner was shut down")
             return self._client
 
     def _connect(self, address: str | None, timeout: float) -> Any:
@@ -216,18 +224,20 @@ class DaskRunner(Runner):
         sent. What fails on the way (an unreachable scheduler, a value that
         will not pickle) fails the job, with one line in its cell.
         """
-        self._prepare(job)
+        context = self._prepare(job)  # the starter's output, a warning say, is the job's too
         skip = set(hidden)
         values = {name: namespace[name] for name in cell.free if name in namespace and name not in skip}
         starter = BackgroundThread(
-            target=self._ship_and_submit,
-            args=(job, cell, values, finish),
+            target=context.run,
+            args=(self._ship_and_submit, job, cell, values, finish),
             name=f"polycell-dask-start-{job.id}",
             daemon=True,
         )
         with self._lock:
-            self._starters.add(starter)
-        starter.start()
+            if self._closed:
+                raise JobError("dask: this runner was shut down")
+            starter.start()  # under the lock: `shutdown` sees every starter that runs
+            self._starters[starter] = job
         return job
 
     def _ship_and_submit(
@@ -238,30 +248,36 @@ class DaskRunner(Runner):
         finish: Callable[[Any, dict[str, Any]], None],
     ) -> None:
         try:
-            if job.done:  # killed while waiting to start
+            if job.done or job.kill_requested:  # killed while waiting to start
+                job._set_killed()
                 return
             try:
-                self.client  # noqa: B018 - connect (or start the local cluster) on first use
+                client = self.client  # connect (or start the local cluster) on first use
                 body = self.ship(cell, values)
+                body.finish = finish
+                self._submit_to(client, job, body)
             except Exception as exc:  # noqa: BLE001 - whatever it is, the job's cell says it
+                if job.kill_requested:
+                    job._set_killed()
+                    return
                 error = exc if isinstance(exc, JobError) else JobError(f"dask: {one_line(exc)}")
                 job.journal.write("stderr", f"[job {job.id}: {error}]\n")
                 job._set_exception(error)
-                return
-            body.finish = finish
-            self.submit(job, body)
         finally:
             with self._lock:
-                self._starters.discard(threading.current_thread())
+                self._starters.pop(threading.current_thread(), None)
 
     def submit(self, job: Job, body: DaskCell) -> Job:
+        self._prepare(job)
+        return self._submit_to(self.client, job, body)
+
+    def _submit_to(self, client: Any, job: Job, body: DaskCell) -> Job:
         from polycell.dask_worker import run_cell
 
-        self._prepare(job)
-        client = self.client
         task = _Task(job, f"{self._prefix}-{job.id}", body)
         with self._lock:
-            if job.done:
+            if job.done or self._closed:
+                job._set_killed()
                 return job  # killed before it was submitted: nothing runs, nothing is merged
             self._tasks[job.id] = task
         try:
@@ -352,7 +368,8 @@ class DaskRunner(Runner):
         timer.daemon = True
         with task.lock:
             task.timers.append(timer)
-        timer.start()
+        with interrupts_blocked():  # a kill may come from the main thread: the timer must not take ■
+            timer.start()
 
     def _complete(self, task: _Task, outcome: dict[str, Any]) -> None:
         """End the job from its outcome (on the runner's finisher thread)."""
@@ -487,9 +504,13 @@ class DaskRunner(Runner):
 
     def shutdown(self, timeout: float = 2.0) -> None:
         with self._lock:
-            starters = list(self._starters)
-        for starter in starters:  # their jobs were killed: each stops at its next step
-            starter.join(timeout)
+            self._closed = True  # a starter still connecting submits nothing after this
+            starters = dict(self._starters)
+        for job in starters.values():
+            job._set_killed(JobKilled(f"job {job.id} was killed: the kernel shut down"))
+        deadline = time.monotonic() + timeout
+        for starter in starters:
+            starter.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             tasks = list(self._tasks.values())
             self._tasks.clear()
@@ -508,5 +529,9 @@ class DaskRunner(Runner):
             task.job._set_killed(JobKilled(f"job {task.job.id} was killed: the kernel shut down"))
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=False)
-        with self._connect_lock:
-            self._release()
+        # A starter may still be connecting (up to its timeout): then it releases what it got.
+        if self._connect_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                self._release()
+            finally:
+                self._connect_lock.release()

@@ -206,7 +206,11 @@ class Polycell:
             write_result(job, shell, value, count)
 
         self.attach(job)
-        runner.start(job, cell, self.shell.user_ns, self._hidden_names(), finish)
+        try:
+            runner.start(job, cell, self.shell.user_ns, self._hidden_names(), finish)
+        except BaseException as exc:
+            job._set_exception(exc)  # a job that could not start must not stay "pending"
+            raise
         return job
 
     def _hidden_names(self) -> list[str]:

@@ -159,28 +159,29 @@ class IOPubPublisher:
 
 
 def _coalesce_display_updates(items: list[Any]) -> list[Any]:
-    """Drop each ``update_display_data`` that a batch already shows, giving its data to the earlier message.
+    """Send only the first of a batch's updates of one display, carrying the last one's data.
 
-    A display's later message replaces what the earlier showed, so when both
-    wait in one batch (a busy kernel; a loop calling ``handle.update``), only
-    the first is sent, carrying the last one's data. Keyed by display id and
-    cell: a ``display_data`` is never dropped, and another cell's is never merged.
+    An ``update_display_data`` replaces what every output with that display id
+    shows, so when several wait in one batch (a busy kernel; a loop calling
+    ``handle.update``) the last says it all. Keyed by display id and cell. A
+    ``display_data`` is never changed or dropped, and an update never folds into
+    one (the update also refreshes other outputs of that display).
     """
-    carrier: dict[tuple[str, str], int] = {}  # (display id, cell) -> index of the message sent
+    first_update: dict[tuple[str, str], int] = {}  # (display id, cell) -> index of the update sent
     out: list[Any] = list(items)
     for index, item in enumerate(items):
         if not isinstance(item, tuple) or item[2] is None:
             continue
         _, parent, record, _ = item
-        if record["msg_type"] not in ("display_data", "update_display_data"):
+        if record["msg_type"] != "update_display_data":
             continue
         display_id = (record["content"].get("transient") or {}).get("display_id")
         if display_id is None:
             continue
         key = (display_id, parent.get("msg_id", ""))
-        first = carrier.get(key)
-        if record["msg_type"] == "display_data" or first is None:
-            carrier[key] = index
+        first = first_update.get(key)
+        if first is None:
+            first_update[key] = index
             continue
         job_id, first_parent, shown, on_end = out[first]
         content = {**shown["content"], "data": record["content"]["data"]}
