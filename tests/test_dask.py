@@ -388,6 +388,25 @@ def test_unreachable_scheduler_is_one_line_within_the_timeout(kernel):
     assert line.startswith(f"[job {job}: dask: cannot reach the scheduler at tcp://127.0.0.1:{port}")
 
 
+def test_shutdown_while_a_cell_still_connects_kills_it_at_once(kernel):
+    port = _closed_port()
+    kernel.run(f"import os\nos.environ['DASK_SCHEDULER_ADDRESS'] = 'tcp://127.0.0.1:{port}'")
+    msg_id = kernel.execute("%%bg --mode dask\n1 + 1")
+    job = kernel.job_id(msg_id)
+    kernel.run("_ = jobs.shutdown(timeout=0.5)")  # returns although the connect goes on for 10 s
+    kernel.wait_job_end(job)
+    assert kernel.eval(f"jobs[{job}].status.value") == "killed"
+    # The starter gives up when its connect times out; then it neither says more nor submits anything.
+    starting = "any(t.name.startswith('polycell-dask-start') for t in __import__('threading').enumerate())"
+    deadline = time.monotonic() + 60
+    while kernel.eval(starting):
+        assert time.monotonic() < deadline, "the starter thread never ended"
+        time.sleep(0.1)
+    kernel.run("1")  # anything the starter printed has reached the cell by this cell's idle
+    assert kernel.text(msg_id, "stderr") == f"[job {job} killed after 0.00s]\n"  # and no "cannot reach"
+    assert kernel.eval(f"jobs[{job}].status.value") == "killed"
+
+
 def test_connecting_to_the_cluster_does_not_hold_up_other_cells():
     """In the polycell kernel a dask cell starts from the shell channel thread, which routes every request."""
     port = _closed_port()

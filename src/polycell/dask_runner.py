@@ -257,7 +257,7 @@ class DaskRunner(Runner):
                 body.finish = finish
                 self._submit_to(client, job, body)
             except Exception as exc:  # noqa: BLE001 - whatever it is, the job's cell says it
-                if job.kill_requested:
+                if job.done or job.kill_requested:  # killed, or shut down, meanwhile: nothing to say
                     job._set_killed()
                     return
                 error = exc if isinstance(exc, JobError) else JobError(f"dask: {one_line(exc)}")
