@@ -37,7 +37,10 @@ class PolycellKernelApp(IPKernelApp):
         super().initialize(argv)
 
     def start(self) -> None:
-        if self.trio_loop:  # no tornado loop will run: lift it now
+        if self.trio_loop:
+            # No tornado loop will run: lift it now. (The parent poller, which
+            # IPKernelApp.start starts next, then keeps SIGINT unblocked; it only
+            # polls its parent, so it never takes a signal off the queue first.)
             self._starting_threads.close()
         else:
             IOLoop.current().add_callback(self._starting_threads.close)
