@@ -40,7 +40,8 @@ class PolycellKernelApp(IPKernelApp):
         if self.trio_loop:
             # No tornado loop will run: lift it now. (The parent poller, which
             # IPKernelApp.start starts next, then keeps SIGINT unblocked; it only
-            # polls its parent, so it never takes a signal off the queue first.)
+            # sleeps and polls, and never changes its signal mask, which is how a
+            # thread comes to take the signal before the main thread.)
             self._starting_threads.close()
         else:
             IOLoop.current().add_callback(self._starting_threads.close)
