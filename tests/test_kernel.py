@@ -91,6 +91,16 @@ def idle_index(k: KernelSession, msg_id: str) -> int:
 # -- the interception point ------------------------------------------------------------------
 
 
+def test_outstream_marks_unsent_output_as_routing_expects(pk):
+    """`polycell.routing._has_unsent_output` reads ipykernel 7.4's ``OutStream._flush_pending``."""
+    pk.run("import sys\nstream = sys.stdout._polycell_inner")
+    assert pk.eval("stream._flush_pending") is False  # the last cell's output went out before its idle
+    cell = pk.run("print('unsent', end='')\npending = stream._flush_pending")
+    assert pk.eval("pending") is True
+    assert pk.text(cell["parent_header"]["msg_id"]) == "unsent"  # and still sent before the cell's idle
+    assert pk.eval("stream._flush_pending") is False
+
+
 def test_ipykernel_internals_polycell_relies_on():
     """Fails when ipykernel moves what `polycell.kernel._Ipykernel74` reaches into (written for 7.4.0)."""
     import ipykernel
