@@ -224,7 +224,7 @@ class DaskRunner(Runner):
         sent. What fails on the way (an unreachable scheduler, a value that
         will not pickle) fails the job, with one line in its cell.
         """
-        context = self._prepare(job)  # the starter's output, a warning say, is the job's too
+        context = self._prepare(job)  # what the starter prints (a warning, say) is the job's too
         skip = set(hidden)
         values = {name: namespace[name] for name in cell.free if name in namespace and name not in skip}
         starter = BackgroundThread(
