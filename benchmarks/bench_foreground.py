@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 
-from harness import KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
+from harness import POLYCELL_KERNEL, KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
 
 BENCH = "foreground round trip"
 SAMPLES = 50
@@ -51,7 +51,6 @@ def _wait_running(session: KernelSession, job_ids: range, timeout: float = 30) -
             time.sleep(0.01)
 
 
-POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_file={connection_file}"]
 BARS = {"thread": 3.0, "process": 1.2}
 

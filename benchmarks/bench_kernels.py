@@ -16,9 +16,17 @@ import statistics
 import sys
 import time
 
-from harness import BG_CELLS, BG_SLEEP, KernelSession, Row, background_sleepers, print_rows, stock_kernel_argv
+from harness import (
+    BG_CELLS,
+    BG_SLEEP,
+    POLYCELL_KERNEL,
+    KernelSession,
+    Row,
+    background_sleepers,
+    print_rows,
+    stock_kernel_argv,
+)
 
-POLYCELL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_file={connection_file}"]
 ROUNDS, PER_ROUND = 4, 50
 
@@ -42,7 +50,7 @@ def _replies(session: KernelSession, code: str) -> float:
 
 def run() -> list[Row]:
     kernels = {
-        "polycell kernel": POLYCELL,
+        "polycell kernel": POLYCELL_KERNEL,
         "stock ipykernel": stock_kernel_argv(),
         "async-kernel": ASYNC_KERNEL,
     }

@@ -21,11 +21,10 @@ import sys
 import time
 from collections import defaultdict
 
-from harness import KernelSession, Row, print_rows
+from harness import POLYCELL_KERNEL, KernelSession, Row, print_rows
 
 BENCH = "1,000 task + 200 thread cells"
 TASKS, THREADS, SLEEP = 1000, 200, 0.5
-POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_file={connection_file}"]
 
 

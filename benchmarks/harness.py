@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from kernel_session import KernelSession  # noqa: E402
+from kernel_session import POLYCELL_KERNEL, KernelSession  # noqa: E402
 
 __all__ = [
     "BG_CELLS",
     "BG_SLEEP",
+    "POLYCELL_KERNEL",
     "KernelSession",
     "Row",
     "background_sleepers",

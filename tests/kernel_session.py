@@ -22,6 +22,8 @@ from jupyter_client.manager import KernelManager
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 Msg = dict[str, Any]
+#: How a front end starts the polycell kernel (its kernelspec's argv).
+POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 
 
 def kernel_env() -> dict[str, str]:
@@ -186,15 +188,10 @@ class KernelSession:
             ]
 
     def wait_job_end(self, job_id: int, timeout: float = 30) -> Msg:
-        """The handle message that says job `job_id` ended (done, failed or killed).
-
-        Usually an update of the handle; for a job that ended before its handle
-        was even sent, the handle itself (the publisher sends a display once per
-        batch, in its latest state).
-        """
+        """The handle update that says job `job_id` ended (done, failed or killed)."""
 
         def ended(m: Msg) -> bool:
-            if m["msg_type"] not in ("update_display_data", "display_data"):
+            if m["msg_type"] != "update_display_data":
                 return False
             if m.get("metadata", {}).get("polycell", {}).get("job") != job_id:
                 return False
@@ -257,3 +254,30 @@ class KernelSession:
                 for path in self.store_path.parent.glob(self.store_path.name + "*"):
                     path.unlink(missing_ok=True)
         self._reader.join(5)
+
+
+def check_interrupt_spares_a_thread_jobs_child(k: KernelSession, interrupt: Callable[[], object]) -> None:
+    """A program a thread job started shares the kernel's process group, which an interrupt
+    signals as a whole: it must not get the SIGINT meant for the foreground cell.
+
+    The child blocks in ``read`` from before the interrupt until after it, so the
+    check cannot pass by the child having already ended.
+    """
+    bg = k.execute(
+        "%%bg\nimport subprocess, threading\n"
+        "release = threading.Event()\n"
+        "child = subprocess.Popen(['sh', '-c', 'echo started; read line; echo got $line'],\n"
+        "                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+        "print(child.stdout.readline(), end='', flush=True)\n"
+        "release.wait(120)\n"
+        "out, _ = child.communicate('go\\n')\n"
+        "(child.returncode, out)"
+    )
+    job = k.job_id(bg)
+    k.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
+    fg = k.start_foreground("import time\ntime.sleep(300)")
+    interrupt()
+    assert k.reply(fg, timeout=30)["content"]["ename"] == "KeyboardInterrupt"
+    k.run("release.set()")
+    k.wait_job_end(job)
+    assert k.eval(f"jobs[{job}].result") == (0, "got go\n")  # (-2, '') had SIGINT reached it

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from kernel_session import check_interrupt_spares_a_thread_jobs_child
+
 
 def test_output_lands_in_the_cell_that_started_the_job(kernel):
     bg = kernel.execute(
@@ -221,22 +223,4 @@ def test_syntax_error_fails_the_bg_cell_itself(kernel):
 
 
 def test_interrupt_spares_programs_started_by_thread_jobs(kernel):
-    """They share the kernel's process group, which the kernel's interrupt signals as a whole."""
-    bg = kernel.execute(
-        "%%bg\nimport subprocess, threading\n"
-        "release = threading.Event()\n"
-        "child = subprocess.Popen(['sh', '-c', 'echo started; read line; echo got $line'],\n"
-        "                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
-        "print(child.stdout.readline(), end='', flush=True)\n"
-        "release.wait(120)\n"
-        "out, _ = child.communicate('go\\n')\n"
-        "(child.returncode, out)"
-    )
-    job = kernel.job_id(bg)
-    kernel.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
-    fg = kernel.start_foreground("import time\ntime.sleep(300)")  # the child is blocked in `read` all along
-    kernel.km.interrupt_kernel()
-    assert kernel.reply(fg, timeout=30)["content"]["ename"] == "KeyboardInterrupt"
-    kernel.run("release.set()")
-    kernel.wait_job_end(job)
-    assert kernel.eval(f"jobs[{job}].result") == (0, "got go\n")  # (-2, '') had SIGINT reached it
+    check_interrupt_spares_a_thread_jobs_child(kernel, kernel.km.interrupt_kernel)

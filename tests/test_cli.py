@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kernel_session import KernelSession, kernel_env
+from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env
 from polycell.cli import main
 from polycell.journal_store import read_job
 
@@ -57,9 +57,6 @@ def runtime(tmp_path, monkeypatch) -> Path:
     """A Jupyter runtime directory of the test's own, so 'the newest kernel' is ours."""
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     return tmp_path
-
-
-POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 
 
 @pytest.fixture(params=["ipykernel+ext", "polycell-kernel"])

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_session import KernelSession
-
-POLYCELL_KERNEL = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
+from kernel_session import POLYCELL_KERNEL, KernelSession
 
 
 def _plain(text: str) -> str:

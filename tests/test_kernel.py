@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kernel_session import KernelSession, Msg
+from kernel_session import POLYCELL_KERNEL, KernelSession, Msg, check_interrupt_spares_a_thread_jobs_child
 from polycell.kernel import ExecutionCounter, MainThreadQueue, OutOfQueue, out_of_queue_action
 
-ARGV = [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"]
 #: A foreground cell that blocks the main thread in ``time.sleep`` until the test interrupts it.
 SLEEP = "import time\ntime.sleep(300)"
 #: One that blocks until a background cell runs ``fg_release.set()``, then ends normally.
@@ -29,7 +27,7 @@ GATED = "import threading\nfg_release = threading.Event()\nfg_release.wait(300)\
 
 @pytest.fixture
 def pk() -> Iterator[KernelSession]:
-    session = KernelSession(ARGV, load_ext=False)
+    session = KernelSession(POLYCELL_KERNEL, load_ext=False)
     try:
         yield session
     finally:
@@ -545,25 +543,10 @@ def test_only_the_main_thread_can_take_the_interrupt(pk):
 
 
 def test_interrupt_spares_programs_started_by_thread_jobs(pk):
-    """They share the kernel's process group, which ipykernel's interrupt signals as a whole."""
-    bg = pk.execute(
-        "%%bg\nimport subprocess, threading\n"
-        "release = threading.Event()\n"
-        "child = subprocess.Popen(['sh', '-c', 'echo started; read line; echo got $line'],\n"
-        "                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
-        "print(child.stdout.readline(), end='', flush=True)\n"
-        "release.wait(120)\n"
-        "out, _ = child.communicate('go\\n')\n"
-        "(child.returncode, out)"
-    )
-    job = pk.job_id(bg)
-    pk.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and m["msg_type"] == "stream")
-    fg = start_foreground(pk)  # the child is blocked in `read` all along
-    assert interrupt(pk)["content"]["status"] == "ok"
-    assert pk.reply(fg, timeout=30)["content"]["ename"] == "KeyboardInterrupt"
-    pk.run("release.set()")
-    pk.wait_job_end(job)
-    assert pk.eval(f"jobs[{job}].result") == (0, "got go\n")  # (-2, '') had SIGINT reached it
+    def press_interrupt() -> None:
+        assert interrupt(pk)["content"]["status"] == "ok"
+
+    check_interrupt_spares_a_thread_jobs_child(pk, press_interrupt)
 
 
 @pytest.mark.parametrize("cell", ["%%bg\nimport time\ntime.sleep(60)", "%bg 1", "%%bg --mode task\n1"])
@@ -682,7 +665,7 @@ def _stop_client(k: KernelSession) -> None:
 
 @pytest.mark.parametrize("restart", [False, True])
 def test_shutdown_and_restart_end_every_job_and_say_so(restart):
-    k = KernelSession(ARGV, load_ext=False)
+    k = KernelSession(POLYCELL_KERNEL, load_ext=False)
     try:
         thread = k.execute("%%bg\nimport time\nwhile True:\n    time.sleep(0.05)")
         task = k.execute("%%bg\nimport asyncio\nawait asyncio.sleep(60)")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import time
 
 import psutil
 import pytest
 
-from kernel_session import KernelSession
+from kernel_session import POLYCELL_KERNEL, KernelSession
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -293,7 +292,7 @@ def test_process_jobs_die_with_the_kernel(now):
 KERNELS = {
     "stock kernel + extension": {},
     "polycell kernel": {
-        "argv": [sys.executable, "-m", "polycell.kernelapp", "-f", "{connection_file}"],
+        "argv": POLYCELL_KERNEL,
         "load_ext": False,
     },
 }
