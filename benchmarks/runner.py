@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -131,7 +131,7 @@ def write_results(rows: Sequence[Row], outcomes: dict[str, dict[str, object]], s
         json.dumps(
             {
                 "machine": machine(),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                 "seconds": round(seconds, 1),
                 "modules": outcomes,
                 "rows": [asdict(row) for row in rows],

@@ -16,6 +16,27 @@ def _text(records: list[dict]) -> str:
     return "".join(r["content"]["text"] for r in records if r["msg_type"] == "stream")
 
 
+def _merged(records: list[dict]) -> list[dict]:
+    """Adjacent text of one stream as one record, as a front end shows it.
+
+    The store's writer thread may take a stream's writes in one batch or in
+    several, depending on when it wakes: what the user sees is the same.
+    """
+    merged: list[dict] = []
+    for record in records:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and record["msg_type"] == last["msg_type"] == "stream"
+            and record["content"]["name"] == last["content"]["name"]
+        ):
+            text = last["content"]["text"] + record["content"]["text"]
+            merged[-1] = {**last, "content": {**last["content"], "text": text}}
+        else:
+            merged.append(record)
+    return merged
+
+
 def test_store_path_is_next_to_the_connection_file(tmp_path):
     assert store_path(tmp_path / "kernel-1a2b.json") == tmp_path / "polycell-1a2b.sqlite"
 
@@ -37,6 +58,7 @@ def test_records_metadata_and_rich_output_survive_in_order(tmp_path):
         stored, records = read_job(path, 1)
     finally:
         store.close()
+    records = _merged(records)
     assert (stored.name, stored.mode, stored.status) == ("work", "thread", "failed")
     assert stored.ended is not None and stored.started is not None
     assert [r["msg_type"] for r in records] == ["stream", "display_data", "stream"]

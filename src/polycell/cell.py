@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import marshal
 from dataclasses import dataclass, field
 from types import CodeType, TracebackType
 from typing import Any
@@ -33,6 +34,27 @@ class CompiledCell:
     assigned: list[str] = field(default_factory=list)
     #: Names the cell reads before (or without) binding them: what it needs from the namespace.
     free: list[str] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Ship the code objects as `marshal` bytes, which keep their file name.
+
+        A dask cell travels by cloudpickle, and cloudpickle 3.1.3 on renames every
+        code object it pickles ``<dynamic-code>``: the worker's traceback would then
+        start in polycell's frames and show no line of the cell. `marshal` is what
+        CPython itself stores code in, and needs the same Python on both ends, as
+        pickled code always has.
+        """
+        state = dict(self.__dict__)
+        for name in ("body", "last_expr"):
+            if state[name] is not None:
+                state[name] = marshal.dumps(state[name])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("body", "last_expr"):
+            if state[name] is not None:
+                state[name] = marshal.loads(state[name])
+        self.__dict__.update(state)
 
     def _codes(self) -> list[tuple[CodeType, bool]]:
         codes = []

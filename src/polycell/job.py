@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
@@ -68,7 +68,7 @@ class JobKilled(BaseException):
     """
 
 
-class KillOutcome(str, enum.Enum):
+class KillOutcome(enum.StrEnum):
     KILLED = "killed"
     STILL_BLOCKED = "kill requested, still blocked"
     ALREADY_ENDED = "already ended"
