@@ -183,7 +183,8 @@ def test_kill_after_the_cell_ended_but_before_its_result_arrived(dask_kernel):
     )
     msg_id = kernel.execute("%%bg --mode dask\nhit = 1\nprint('bye')")
     job = kernel.job_id(msg_id)
-    _until(kernel, f"jobs.runner('dask')._tasks[{job}].ended is not None")
+    # The cell is submitted from a thread of its own: its task may not be registered yet.
+    _until(kernel, f"getattr(jobs.runner('dask')._tasks.get({job}), 'ended', None) is not None")
     assert kernel.eval(f"jobs[{job}].status.value") == "running"  # the result is stuck behind the blocker
     try:
         assert kernel.eval(f"jobs[{job}].kill(timeout=10).value") == "killed"
