@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kernel_session import POLYCELL_KERNEL, KernelSession
@@ -471,6 +472,33 @@ def test_default_local_cluster_is_started_on_first_use_and_closed_at_shutdown(mo
         while session.eval(f"len({workers})") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert session.eval(f"[p.cmdline() for p in {workers}]") == []
+    finally:
+        session.close()
+
+
+def test_a_local_cluster_and_its_dashboard_listen_on_loopback_only(monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    session = KernelSession()
+    try:
+        msg_id = session.execute("%%bg --mode dask\n6 * 7")
+        job = session.job_id(msg_id)
+        session.wait_job_end(job, timeout=120)
+        assert session.eval(f"jobs[{job}].result") == 42
+        tree = [psutil.Process(session.pid), *psutil.Process(session.pid).children(recursive=True)]
+        listening = sorted(
+            {
+                (proc.pid, conn.laddr.ip, conn.laddr.port)
+                for proc in tree
+                for conn in proc.net_connections(kind="inet")
+                if conn.status == psutil.CONN_LISTEN
+            }
+        )
+        # The scheduler, each worker and nanny, and the dashboard, at least.
+        assert len({pid for pid, _, _ in listening}) >= 2
+        assert len(listening) >= 4
+        assert [entry for entry in listening if entry[1] not in ("127.0.0.1", "::1")] == []
+        dashboard = session.eval("jobs.runner('dask').client.dashboard_link")
+        assert dashboard.startswith("http://127.0.0.1:")
     finally:
         session.close()
 

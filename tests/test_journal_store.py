@@ -9,7 +9,7 @@ from polycell.control import answer
 from polycell.job import Job
 from polycell.job_table import JobTable
 from polycell.journal import OutputJournal
-from polycell.journal_store import JournalStore, read_job, read_jobs, store_path
+from polycell.journal_store import JournalStore, read_job, read_jobs
 
 
 def _text(records: list[dict]) -> str:
@@ -35,10 +35,6 @@ def _merged(records: list[dict]) -> list[dict]:
         else:
             merged.append(record)
     return merged
-
-
-def test_store_path_is_next_to_the_connection_file(tmp_path):
-    assert store_path(tmp_path / "kernel-1a2b.json") == tmp_path / "polycell-1a2b.sqlite"
 
 
 def test_records_metadata_and_rich_output_survive_in_order(tmp_path):

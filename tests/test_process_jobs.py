@@ -369,3 +369,38 @@ def test_a_record_the_kernel_cannot_load_does_not_kill_the_job(kernel):
     assert f"[job {job}: an output record could not be read here (AttributeError: " in stderr
     assert stderr.count("\n") == 1
     assert "after\n" in kernel.text(bg, "stdout")
+
+
+def test_a_stray_process_of_a_job_holds_no_kernel_port_and_a_restart_after_a_crash_works():
+    """A process a job leaves behind outlives a SIGKILLed kernel; the restart binds the same ports."""
+    session = KernelSession()
+    stray = None
+    try:
+        _, job = _start(
+            session,
+            "import os, time\n"
+            "ready, tell = os.pipe()\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()  # out of the job's process group: the job's end does not kill it\n"
+            "    os.write(tell, str(os.getpid()).encode())\n"
+            "    time.sleep(300)\n"
+            "    os._exit(0)\n"
+            "stray_pid = int(os.read(ready, 32))\n",
+        )
+        session.wait_job_end(job)
+        stray = psutil.Process(session.eval("stray_pid"))
+        assert [c for c in stray.net_connections(kind="all") if c.status == psutil.CONN_LISTEN] == []
+        os.kill(session.pid, signal.SIGKILL)
+        session.km.restart_kernel(now=True)
+        client = session.km.client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=60)  # raises "Kernel died..." when a port is taken
+            assert stray.is_running()
+        finally:
+            client.stop_channels()
+    finally:
+        if stray is not None and stray.is_running():
+            stray.kill()
+            stray.wait(10)
+        session.close()

@@ -32,7 +32,10 @@ def use_dask(client_or_address: Any = None, *, timeout: float = 10.0) -> Any:
     """Run ``%%bg --mode dask`` cells and ``jobs.map(..., mode="dask")`` on this cluster.
 
     Give a ``distributed.Client`` or a scheduler address (``"tcp://host:8786"``);
-    None means ``DASK_SCHEDULER_ADDRESS``, else a ``LocalCluster`` started now.
+    None means ``DASK_SCHEDULER_ADDRESS``, else a ``LocalCluster`` started now,
+    which listens on 127.0.0.1 only (scheduler, workers and dashboard). For one
+    other machines can reach, start it yourself and pass its client:
+    ``use_dask(LocalCluster(host="0.0.0.0").get_client())``.
     Returns the client. Raises `JobError` (one line) when the scheduler cannot
     be reached within `timeout` seconds or dask is not installed.
     """

@@ -67,20 +67,22 @@ def find_store(existing: str | None) -> Path:
     database itself; the kernel may be long gone), or the newest one in the runtime directory."""
     from jupyter_core.paths import jupyter_runtime_dir
 
-    from polycell.journal_store import store_path
+    from polycell.journal_files import journal_dir, store_path
 
     runtime = Path(jupyter_runtime_dir())
     if existing:
         given = Path(existing)
-        candidates = [given, runtime / given]
-        for candidate in candidates:
-            path = candidate if candidate.suffix == ".sqlite" else store_path(candidate)
-            if path.is_file():
-                return path
-        raise CliError(f"no polycell journal for {existing!r} (looked for {store_path(given).name})")
-    stores = sorted(runtime.glob("polycell-*.sqlite"), key=lambda p: p.stat().st_mtime)
+        if given.suffix == ".sqlite":
+            for candidate in (given, journal_dir(runtime) / given):
+                if candidate.is_file():
+                    return candidate
+        path = store_path(given, runtime)
+        if path.is_file():
+            return path
+        raise CliError(f"no polycell journal for {existing!r} (looked for {path})")
+    stores = sorted(journal_dir(runtime).glob("polycell-*.sqlite"), key=lambda p: p.stat().st_mtime)
     if not stores:
-        raise CliError(f"no polycell journal found in {runtime}; give one with --existing FILE")
+        raise CliError(f"no polycell journal found in {journal_dir(runtime)}; give one with --existing FILE")
     return stores[-1]
 
 

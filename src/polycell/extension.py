@@ -19,9 +19,11 @@ from typing import Any
 from polycell import view
 from polycell.cell import CompiledCell, compile_cell
 from polycell.control import ControlHandler
+from polycell.interrupts import BackgroundThread
 from polycell.iopub import IOPubPublisher
-from polycell.job import Job, JobError
+from polycell.job import Job, JobError, one_line
 from polycell.job_table import JobTable, jobs
+from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
 from polycell.routing import OutputRouter, write_error, write_result
 
@@ -264,30 +266,54 @@ class Polycell:
 _HANDLE_FLUSH_SECONDS = 2.0
 
 
-def open_store() -> JournalStore | None:
-    """The on-disk journal next to this kernel's connection file, when there is one.
-
-    ``POLYCELL_STORE_MAX_MB`` caps its size (default 100); ``0`` turns it off.
-    A store that cannot be opened (read-only directory...) is reported once and
-    the kernel runs without it.
-    """
+def _env_number(name: str, default: float) -> float:
     try:
-        max_mb = float(os.environ.get("POLYCELL_STORE_MAX_MB", DEFAULT_MAX_BYTES / 2**20))
+        return float(os.environ.get(name, default))
     except ValueError:
-        max_mb = DEFAULT_MAX_BYTES / 2**20
+        return default
+
+
+def open_store(connection_file: str | None = None) -> JournalStore | None:
+    """This kernel's journal on disk (see `polycell.journal_files`), or None.
+
+    ``POLYCELL_STORE_MAX_MB`` caps its size (default 100; ``0`` turns it off),
+    ``POLYCELL_STORE_TOTAL_MB`` all journals' together (default 1,000), and
+    ``POLYCELL_STORE_KEEP_HOURS`` how long one stays after its kernel's clean
+    shutdown (default 24). A journal that cannot be written privately is
+    reported in one line on the kernel's stderr, and the kernel runs without it.
+    """
+    max_mb = _env_number("POLYCELL_STORE_MAX_MB", DEFAULT_MAX_BYTES / 2**20)
     if max_mb <= 0:
         return None
-    try:
-        from ipykernel.connect import get_connection_file
+    if connection_file is None:
+        try:
+            from ipykernel.connect import get_connection_file
 
-        connection_file = get_connection_file()
-    except Exception:  # noqa: BLE001 - no kernel app (embedded kernel...): no store
-        return None
+            connection_file = get_connection_file()
+        except Exception:  # noqa: BLE001 - no kernel app (embedded kernel...): no store
+            return None
     try:
-        return JournalStore.for_connection_file(connection_file, max_bytes=int(max_mb * 2**20))
+        store = JournalStore.for_connection_file(connection_file, max_bytes=int(max_mb * 2**20))
     except Exception as exc:  # noqa: BLE001 - output on disk is a bonus, never a reason to fail
-        print(f"polycell: no journal on disk ({exc})", file=sys.__stderr__)
+        print(f"polycell: the journal on disk is off ({one_line(exc)})", file=sys.__stderr__)
         return None
+    total_mb = _env_number("POLYCELL_STORE_TOTAL_MB", DEFAULT_TOTAL_BYTES / 2**20)
+    keep_hours = _env_number("POLYCELL_STORE_KEEP_HOURS", KEEP_AFTER_SHUTDOWN / 3600)
+
+    def sweep_others() -> None:
+        try:
+            sweep(
+                store.path.parent,
+                keep=store.path,
+                keep_after_shutdown=keep_hours * 3600,
+                total_bytes=int(total_mb * 2**20),
+            )
+        except Exception as exc:  # noqa: BLE001 - an old journal left over is no reason to fail
+            print(f"polycell: could not sweep old journals ({one_line(exc)})", file=sys.__stderr__)
+
+    # Off the kernel's start: it opens (and may delete) other kernels' files.
+    BackgroundThread(target=sweep_others, name="polycell-journal-sweep", daemon=True).start()
+    return store
 
 
 _loaded: dict[int, Polycell] = {}

@@ -1,8 +1,9 @@
 """Every job's journal, also on disk, so output outlives the kernel.
 
 A `JournalStore` follows the journal of each job and writes its records to an
-SQLite database (WAL mode) next to the kernel's connection file, one database
-per kernel: ``kernel-<id>.json`` -> ``polycell-<id>.sqlite``. After a crash or
+SQLite database (WAL mode), one database per kernel, private to its user:
+``kernel-<id>.json`` -> ``<runtime dir>/polycell/polycell-<id>.sqlite`` (where,
+who can read it and for how long: `polycell.journal_files`). After a crash or
 a restart, ``polycell log`` reads what the jobs printed up to the end.
 
 Writing is off the job's hot path: the journal follower only puts the record
@@ -37,6 +38,7 @@ from typing import Any
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, last_line
+from polycell.journal_files import create_private, store_path
 from polycell.view import make_row
 
 __all__ = [
@@ -63,6 +65,10 @@ CREATE TABLE IF NOT EXISTS runs (
     started REAL NOT NULL,
     connection_file TEXT
 );
+CREATE TABLE IF NOT EXISTS closes (
+    run INTEGER PRIMARY KEY,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     run INTEGER NOT NULL,
     id INTEGER NOT NULL,
@@ -83,14 +89,6 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (run, job, seq)
 ) WITHOUT ROWID;
 """
-
-
-def store_path(connection_file: str | os.PathLike[str]) -> Path:
-    """The database of the kernel with this connection file (which need not exist any more)."""
-    path = Path(connection_file)
-    stem = path.stem
-    kernel_id = stem[len("kernel-") :] if stem.startswith("kernel-") else stem
-    return path.with_name(f"polycell-{kernel_id}.sqlite")
 
 
 def _job_row(job: Job) -> dict[str, Any]:
@@ -126,7 +124,9 @@ class JournalStore:
         self._wake = threading.Event()
         self._cancels: list[Any] = []
         self._failed = False
-        # Open (and create) in the caller's thread so a bad path fails loudly and at once.
+        # Open (and create) in the caller's thread so a bad path fails loudly and at once;
+        # private to this user before SQLite writes a byte (JournalFileError otherwise).
+        create_private(self.path)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.run = self._open_run(connection_file)
         self._seqs: dict[int, int] = {}
@@ -147,7 +147,8 @@ class JournalStore:
         row = conn.execute(
             "SELECT run FROM runs WHERE token = ? AND pid = ?", (_PROCESS_TOKEN, os.getpid())
         ).fetchone()
-        if row is not None:
+        if row is not None:  # the extension loaded again in the same kernel
+            conn.execute("DELETE FROM closes WHERE run = ?", (row[0],))
             return int(row[0])
         cursor = conn.execute(
             "INSERT INTO runs (pid, token, started, connection_file) VALUES (?, ?, ?, ?)",
@@ -243,7 +244,7 @@ class JournalStore:
 
         for item in batch:
             if item is _STOP:
-                stop = True
+                stop = True  # a clean shutdown: the journal may go after journal_files' delay
                 continue
             if isinstance(item, threading.Event):
                 events.append(item)
@@ -273,6 +274,8 @@ class JournalStore:
         if not self._failed:
             try:
                 self._commit(resets, jobs, rows)
+                if stop:
+                    self._conn.execute("INSERT OR REPLACE INTO closes VALUES (?, ?)", (self.run, time.time()))
             except sqlite3.Error as exc:
                 self._failed = True
                 print(f"polycell: journal store {self.path} stopped: {exc}", file=sys.__stderr__)

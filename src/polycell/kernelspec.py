@@ -30,7 +30,9 @@ def kernel_dict(display_name: str = DISPLAY_NAME) -> dict[str, object]:
         # Interrupts come as interrupt_request messages, so the kernel can keep them
         # away from background jobs' processes (a signal would reach its whole group).
         "interrupt_mode": "message",
-        "metadata": {"debugger": True},
+        # jupyter_client encrypts the connection (CurveZMQ) only for kernels that say
+        # they can, as ipykernel's own spec does; polycell needs no port of its own.
+        "metadata": {"debugger": True, "supported_encryption": ["curve"]},
     }
 
 

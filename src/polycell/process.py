@@ -53,6 +53,8 @@ import pickle
 import queue
 import selectors
 import signal
+import socket
+import stat
 import struct
 import sys
 import threading
@@ -561,6 +563,7 @@ class Forker:
                 self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent_pid:  # the kernel died before the line above
                 os._exit(code)
+            close_listening_sockets()
             if niceness:
                 os.nice(niceness)
             os.dup2(pipes["stdout"][1], 1)
@@ -594,6 +597,38 @@ class Forker:
             if self._fflush is not None:
                 self._fflush(None)  # C stdio buffers: os._exit would drop them
             os._exit(code)
+
+
+def close_listening_sockets() -> None:
+    """Close, in a forked child, every listening socket it inherited from the kernel.
+
+    The kernel's ZeroMQ ports (and a LocalCluster's scheduler, when it runs in the
+    kernel) are listening sockets. A process a job leaves behind, still holding
+    them after the kernel died, would make jupyter_client's restart, which binds the
+    same ports again, fail with "Address already in use". The child never serves
+    on them: nothing of ZeroMQ runs after a fork (its I/O threads are not copied).
+    """
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            fds = [int(name) for name in os.listdir(directory)]
+            break
+        except (OSError, ValueError):
+            continue
+    else:
+        return
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            finally:
+                sock.detach()
+            if listening:
+                os.close(fd)
+        except OSError:
+            continue  # gone already (the listing's own descriptor), or not a socket we can ask
 
 
 _forker_lock = threading.Lock()
