@@ -332,6 +332,26 @@ def _parser() -> _Parser:
         epilog="polycell install|uninstall [--help] manage the 'polycell' kernelspec.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run_help = "run a notebook headlessly, then wait for its jobs: every job's output saved in its cell"
+    notebook = commands.add_parser("run", help=run_help, description=run_help)
+    notebook.add_argument("notebook", metavar="NOTEBOOK", help="the .ipynb to run")
+    notebook.add_argument(
+        "--output", metavar="OUT.ipynb", help="write the executed notebook here, as it runs"
+    )
+    notebook.add_argument(
+        "--kernel", metavar="NAME", help="kernelspec to run it with (default: the notebook's)"
+    )
+    notebook.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds a cell, and then the jobs, may take (default: no limit)",
+    )
+    notebook.add_argument(
+        "--allow-errors",
+        action="store_true",
+        help="run every cell even after one fails (the exit status still says so)",
+    )
 
     def command(name: str, help_text: str, *, job: str | None = None, kernel: bool = True) -> _Parser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -367,6 +387,20 @@ def _parser() -> _Parser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from polycell.notebook_run import RunError, run_notebook
+
+        try:
+            return run_notebook(
+                args.notebook,
+                output=args.output,
+                kernel=args.kernel,
+                timeout=args.timeout,
+                allow_errors=args.allow_errors,
+            )
+        except RunError as exc:
+            print(f"polycell run: {exc}", file=sys.stderr)
+            return 2
     if args.command == "log":
         return cmd_log(args.existing, args.job, args.run)
     if args.timeout <= 0:

@@ -238,7 +238,9 @@ class Polycell:
         def show(msg_type: str) -> None:
             transient = {"display_id": handle.display_id}
             content = {"data": handle.bundle(), "metadata": {}, "transient": transient}
-            self.publisher.send(job.id, parent, {"msg_type": msg_type, "content": content})
+            # The status also goes in the message's metadata (see polycell.iopub).
+            state = {"handle": True, "status": job.status.value}
+            self.publisher.send(job.id, parent, {"msg_type": msg_type, "content": content, "polycell": state})
 
         def update() -> None:
             show("update_display_data")

@@ -7,7 +7,10 @@ merges consecutive stream text for the same cell, so a job printing in a tight
 loop produces a few messages per flush rather than one per line, in order.
 
 Every message carries ``metadata.polycell.job = N`` so front ends and tools can
-tell whose output it is.
+tell whose output it is. A record may add to it (its ``"polycell"`` key): the
+job's handle adds ``handle: true`` and the job's ``status``, so a client that
+ignores display updates (a terminal, a headless runner) still learns how a job
+ended, from the message the front end already gets.
 """
 
 from __future__ import annotations
@@ -139,11 +142,18 @@ class IOPubPublisher:
                     flush_stream()
             else:
                 flush_stream()
-                self._send(job_id, parent, record["msg_type"], record["content"])
+                self._send(job_id, parent, record["msg_type"], record["content"], record.get("polycell"))
         flush_stream()
         return False
 
-    def _send(self, job_id: int, parent: dict[str, Any], msg_type: str, content: dict[str, Any]) -> None:
+    def _send(
+        self,
+        job_id: int,
+        parent: dict[str, Any],
+        msg_type: str,
+        content: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         topic = f"stream.{content['name']}" if msg_type == "stream" else msg_type
         try:
             self.session.send(
@@ -151,7 +161,7 @@ class IOPubPublisher:
                 msg_type,
                 content,
                 parent=parent,
-                metadata={"polycell": {"job": job_id}},
+                metadata={"polycell": {"job": job_id, **(extra or {})}},
                 ident=topic.encode(),
             )
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop all output
@@ -186,6 +196,9 @@ def _coalesce_display_updates(items: list[Any]) -> list[Any]:
         job_id, first_parent, shown, on_end = out[first]
         content = {**shown["content"], "data": record["content"]["data"]}
         content["metadata"] = record["content"].get("metadata", {})
-        out[first] = (job_id, first_parent, {"msg_type": shown["msg_type"], "content": content}, on_end)
+        merged = {"msg_type": shown["msg_type"], "content": content}
+        if "polycell" in record:
+            merged["polycell"] = record["polycell"]
+        out[first] = (job_id, first_parent, merged, on_end)
         out[index] = None
     return [item for item in out if item is not None]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
 from tornado.ioloop import IOLoop
-from traitlets import Type
+from traitlets import Type, default
 
 from polycell.interrupts import interrupts_blocked
 
@@ -27,6 +27,13 @@ class PolycellKernelApp(IPKernelApp):
         klass="ipykernel.kernelbase.Kernel",
         help="The Kernel subclass to be used (polycell's by default).",
     ).tag(config=True)
+
+    @default("log_format")
+    def _log_format_default(self) -> str:
+        # ipykernel's own prefix, not the class name: it *is* ipykernel's app, and headless
+        # tools recognise ipykernel's known warnings by it (nbclient filters "[IPKernelApp]
+        # WARNING | Kernel is running over TCP without encryption").
+        return "[IPKernelApp]%(highlevel)s %(message)s"
 
     def initialize(self, argv: Any = None) -> None:
         # Every thread ipykernel starts from here on (iopub, heartbeat, control,
