@@ -1,15 +1,18 @@
 """The tour notebook, the README's main job, runs start to end on the polycell kernel.
 
-Run as ``scripts/demo`` runs it (``examples/run_tour.py``, nbclient), with the
-kernelspec installed the way users install it, into a prefix of the test's own.
+Run as ``scripts/demo`` runs it (``polycell run``), with the kernelspec installed
+the way users install it, into a prefix of the test's own.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import nbformat
 
 from kernel_session import kernel_env
 
@@ -28,9 +31,9 @@ def test_the_tour_runs_and_shows_every_feature(tmp_path):
     env.pop("DASK_SCHEDULER_ADDRESS", None)  # the tour's dask cell starts a LocalCluster
     install = [sys.executable, "-m", "polycell", "install", "--prefix", str(prefix)]
     subprocess.run(install, check=True, env=env, capture_output=True)
-    run_tour = [sys.executable, str(ROOT / "examples" / "run_tour.py"), str(ROOT / "examples" / "tour.ipynb")]
+    run_tour = [sys.executable, "-m", "polycell.cli", "run", str(ROOT / "examples" / "tour.ipynb")]
     tour = subprocess.run(
-        [*run_tour, "--kernel", "polycell"],
+        [*run_tour, "--kernel", "polycell", "--allow-errors", "--output", str(tmp_path / "tour.ipynb")],
         check=False,
         env=env,
         capture_output=True,
@@ -50,3 +53,11 @@ def test_the_tour_runs_and_shows_every_feature(tmp_path):
     ):
         assert shown in out, f"{shown!r} not in the tour's output:\n{out}"
     assert "KeyboardInterrupt" not in tour.stderr
+    # Saved as it would be in JupyterLab: every job's output in the cell that started it.
+    cells = [c for c in nbformat.read(tmp_path / "tour.ipynb", as_version=4).cells if c.cell_type == "code"]
+    ticker = next(c for c in cells if c.source.startswith("%%bg --name ticker"))
+    ticks = "".join(o["text"] for o in ticker.outputs if o["output_type"] == "stream")
+    assert ticks == "".join(f"tick {i}\n" for i in range(5))
+    broken = next(c for c in cells if c.source.startswith("%%bg --name broken"))
+    assert [o["ename"] for o in broken.outputs if o["output_type"] == "error"] == ["ValueError"]
+    assert re.search(r"\[polycell run\] job \d+ \(cell 24\) failed: ValueError: invalid literal", tour.stderr)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FINAL_STATUSES", "OUTPUT_TYPES", "FollowJobs", "JobOutcome", "JobWatch"]
+__all__ = ["FINAL_STATUSES", "OUTPUT_TYPES", "FollowJobs", "JobOutcome", "JobWatch", "Settled"]
 
 FINAL_STATUSES = frozenset({"done", "failed", "killed"})
 #: The iopub messages that change what a cell shows.
@@ -45,6 +45,14 @@ class JobOutcome:
     status: str = "pending"
     last_line: str = ""
     error: str = ""
+
+
+@dataclass
+class Settled:
+    """How a run's jobs ended: one line per job that failed, and per job that did not end in time."""
+
+    failed: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -225,11 +233,11 @@ class FollowJobs:
 
     def settle_jobs(
         self, timeout: float | None, on_wait: Callable[[list[JobOutcome]], None] | None = None
-    ) -> list[str]:
+    ) -> Settled:
         """Wait until every job the cells started has ended, applying its output as it comes.
 
-        A job still running after `timeout` seconds is killed. Returns one line per
-        job that failed or was killed for the timeout, naming the job and its cell.
+        A job still running after `timeout` seconds is killed. Returns a line for each job
+        that failed, or did not end in time, naming the job and its cell.
         """
         watch = self.watch
         assert watch is not None
@@ -244,26 +252,25 @@ class FollowJobs:
                 for job in running:
                     timed_out.add(job.id)
                     watch.request("kill", job=job.id)
-                deadline = time.monotonic() + 30  # for the kills to be reported
-                if watch.wait(lambda: not watch.running(), 30):
-                    continue
+                watch.wait(lambda: not watch.running(), 30)  # for the kills to be reported
                 break
             remaining = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             watch.wait_for_news(remaining)
             self.apply_late_output()
         self.apply_late_output()
         self.merge_late_streams()
-        problems = []
+        settled = Settled()
         for job in sorted(watch.jobs.values(), key=lambda j: j.id):
             index = self.cell_index_of(job)
             where = f"cell {index + 1}" if index is not None else "another cell"
             if job.id in timed_out:
-                problems.append(f"job {job.id} ({where}) was still running after {timeout:g} s: killed")
+                late = f"was still running after {timeout:g} s: killed"
+                settled.unfinished.append(f"job {job.id} ({where}) {late}")
             elif job.status == "failed":
-                problems.append(f"job {job.id} ({where}) failed: {job.error or 'see its cell'}")
+                settled.failed.append(f"job {job.id} ({where}) failed: {job.error or 'see its cell'}")
             elif job.status not in FINAL_STATUSES:
-                problems.append(f"job {job.id} ({where}) never reported its end")
-        return problems
+                settled.unfinished.append(f"job {job.id} ({where}) never reported its end")
+        return settled
 
     def kill_running_jobs(self) -> None:
         """Ask the kernel to kill every job that has not ended (Ctrl-C, a run given up)."""

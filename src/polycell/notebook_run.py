@@ -10,7 +10,10 @@ the run goes (atomically: a killed run leaves what it had, never half a file).
 
 Exit status: 0 when no cell and no job failed; 1 when one did (each named, with
 its cell), or a job was still running at ``--timeout`` (it is killed); 2 for bad
-input (one line); 130 after Ctrl-C, which kills the kernel's jobs first.
+input (one line); 130 after Ctrl-C, which kills the kernel's jobs first. With
+``--allow-errors`` every cell runs even after one fails, and failed cells and
+jobs are still named, but only a timeout or a dead kernel fails the run: as
+with nbclient's (and ``nbconvert --execute``'s) option of that name.
 """
 
 from __future__ import annotations
@@ -179,7 +182,8 @@ def run_notebook(
             err.flush()
         save(force=False)
 
-    problems: list[str] = []
+    problems: list[str] = []  # each fails the run
+    errors: list[str] = []  # fail it unless --allow-errors
     code_cells = sum(1 for cell in nb.cells if cell.cell_type == "code")
     try:
         with client.setup_kernel():
@@ -200,14 +204,16 @@ def run_notebook(
                         problems.append(f"cell {index + 1} did not finish within {timeout:g} s")
                         break
                     except CellExecutionError as exc:
-                        problems.append(f"cell {index + 1} failed: {_error_line(exc)}")
+                        errors.append(f"cell {index + 1} failed: {_error_line(exc)}")
                         break
                     finally:
                         client.running_index = -1
                         save()
-                    if allow_errors and any(o.get("output_type") == "error" for o in reply.outputs):
-                        problems.append(f"cell {index + 1} failed")
-                problems += client.settle_jobs(timeout, waiting)
+                    if any(o.get("output_type") == "error" for o in reply.outputs):
+                        errors.append(f"cell {index + 1} failed")
+                settled = client.settle_jobs(timeout, waiting)
+                errors += settled.failed
+                problems += settled.unfinished
             except KeyboardInterrupt:
                 client.kill_running_jobs()
                 save()
@@ -218,9 +224,9 @@ def run_notebook(
     except DeadKernelError as exc:
         problems.append(f"the kernel died: {exc}")
     save()
-    for problem in problems:
+    for problem in errors + problems:
         err.write(f"[polycell run] {problem}\n")
-    if problems:
+    if problems or (errors and not allow_errors):
         return 1
     err.write(
         f"[polycell run] done: {code_cells} cell(s), {len(client.watch.jobs) if client.watch else 0} job(s)\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nbclient.exceptions import CellTimeoutError
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine
 from papermill.log import logger
@@ -31,14 +32,17 @@ class PolycellPapermillClient(FollowJobs, PapermillNotebookClient):  # type: ign
         self.start_following()
         try:
             super().papermill_execute_cells()
-            problems = self.settle_jobs(self.timeout)
+            settled = self.settle_jobs(self.timeout)
         except KeyboardInterrupt:
             self.kill_running_jobs()
             raise
         finally:
             self.stop_following()
-        for problem in problems:
+        # A failed job's traceback is in its cell: papermill's own check fails the run on it.
+        for problem in settled.failed + settled.unfinished:
             self.log.error(problem)
+        if settled.unfinished:
+            raise CellTimeoutError("; ".join(settled.unfinished))
 
 
 class PolycellEngine(NBClientEngine):
