@@ -146,6 +146,26 @@ def test_interrupt_stops_only_the_foreground(kernel):
     assert kernel.text(bg) == "".join(f"{i}\n" for i in range(20))
 
 
+def test_an_interrupt_another_thread_took_still_stops_the_foreground(kernel):
+    """With the extension in a stock ipykernel, ipykernel's threads can take the kernel's SIGINT."""
+    kernel.run(
+        "import signal, sys, threading, time as _time\n"
+        "_main = threading.main_thread().ident\n"
+        "def _take_the_interrupt():\n"
+        "    # Once the main thread is at its sleep (and a moment more: inside it), this\n"
+        "    # thread, which does not block SIGINT, takes the signal instead of it.\n"
+        "    while getattr(sys._current_frames().get(_main), 'f_lineno', 0) != 3:\n"
+        "        _time.sleep(0.01)\n"
+        "    _time.sleep(0.3)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
+        "_taker = threading.Thread(target=_take_the_interrupt, daemon=True)"
+    )
+    fg = kernel.execute("_taker.start()\nimport time\ntime.sleep(60)")
+    reply = kernel.reply(fg, timeout=30)
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    kernel.run("_taker.join(10)")
+
+
 def test_wait_and_jobs_table(kernel):
     bg = kernel.execute("%%bg --name waiter\nimport time\ntime.sleep(0.3)\n7 * 6")
     job = kernel.job_id(bg)

@@ -19,7 +19,7 @@ from typing import Any
 from polycell import view
 from polycell.cell import CompiledCell, compile_cell
 from polycell.control import ControlHandler
-from polycell.interrupts import BackgroundThread
+from polycell.interrupts import BackgroundThread, InterruptWaker
 from polycell.iopub import IOPubPublisher
 from polycell.job import Job, JobError, one_line
 from polycell.job_table import JobTable, jobs
@@ -61,11 +61,13 @@ class Polycell:
         self.publisher = IOPubPublisher(self.kernel.session, self.kernel.iopub_socket)
         self.control = ControlHandler(table)
         self.store: JournalStore | None = None
+        self.waker = InterruptWaker()
 
     def start(self) -> None:
         from polycell.magics import PolycellMagics
 
         self.router.install()
+        self.waker.install()  # a ■ another thread took still wakes the main thread
         self.shell.register_magics(PolycellMagics(self.shell, self))
         self.shell.user_ns["jobs"] = self.jobs
         self.control.install(self.kernel)
@@ -88,6 +90,7 @@ class Polycell:
         self.publisher.flush(2)
         self.publisher.close()
         self.router.uninstall()
+        self.waker.uninstall()
         if self.store is not None:
             self.jobs.remove_new_job_listener(self.store.track)
             self.store.close()
