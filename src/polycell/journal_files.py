@@ -38,6 +38,7 @@ __all__ = [
     "JournalFileError",
     "create_private",
     "journal_dir",
+    "pid_alive",
     "store_path",
     "sweep",
 ]
@@ -114,7 +115,10 @@ class _Journal:
     expires: float | None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool | None:
+    """Whether a process exists; None where that cannot be asked safely (Windows)."""
+    if os.name != "posix":
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -139,7 +143,7 @@ def _inspect(path: Path, keep_after_shutdown: float, keep_after_crash: float) ->
     except sqlite3.Error:  # not a journal of this polycell (an older one, a damaged file)
         return _Journal(path, size, last_write, last_write + keep_after_crash)
     open_runs = [pid for run, pid in runs if run not in closed]
-    if any(_pid_alive(pid) for pid in open_runs):
+    if any(pid_alive(pid) is not False for pid in open_runs):  # alive, or cannot tell
         return _Journal(path, size, last_write, None)
     if open_runs or not closed:  # a kernel died without its shutdown
         return _Journal(path, size, last_write, last_write + keep_after_crash)

@@ -38,7 +38,7 @@ from typing import Any
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, last_line
-from polycell.journal_files import create_private, store_path
+from polycell.journal_files import create_private, pid_alive, store_path
 from polycell.view import make_row
 
 __all__ = [
@@ -391,19 +391,6 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
         return sqlite3.connect(path)
 
 
-def _pid_alive(pid: int) -> bool | None:
-    """Whether a process exists; None where that cannot be asked safely (Windows)."""
-    if os.name != "posix":
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_runs(path: str | os.PathLike[str]) -> dict[int, tuple[int, float]]:
     """Each kernel process that wrote to the database: run -> (pid, started)."""
     conn = _connect_readonly(Path(path))
@@ -418,7 +405,7 @@ def read_jobs(path: str | os.PathLike[str]) -> list[StoredJob]:
     """Every stored job, oldest run first. Jobs left running by a kernel that is gone are ``lost``."""
     conn = _connect_readonly(Path(path))
     try:
-        alive = {run: _pid_alive(pid) for run, pid in conn.execute("SELECT run, pid FROM runs").fetchall()}
+        alive = {run: pid_alive(pid) for run, pid in conn.execute("SELECT run, pid FROM runs").fetchall()}
         rows = conn.execute(
             "SELECT run, id, name, mode, status, started, ended, dropped FROM jobs ORDER BY run, id"
         ).fetchall()
