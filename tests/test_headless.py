@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sqlite3
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def test_a_clean_run_exits_0_and_a_job_past_the_timeout_is_killed(env, tmp_path)
     run = polycell_run(env, str(clean), "--output", str(tmp_path / "clean-out.ipynb"))
     assert run.returncode == 0, run.stderr
     assert text_of(outputs(tmp_path / "clean-out.ipynb")[0]) == "ok\n"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "clean-out.ipynb").stat().st_mode) == 0o666 & ~mask  # a notebook, not a secret
 
     slow = write_notebook(
         tmp_path / "slow.ipynb",

@@ -48,7 +48,7 @@ def test_the_kernelspec_declares_curve_encryption():
     assert kernel_dict()["metadata"] == {"debugger": True, "supported_encryption": ["curve"]}
 
 
-def test_every_polycell_path_works_over_an_encrypted_connection(encrypted_kernel, tmp_path):
+def test_every_polycell_path_works_over_an_encrypted_connection(encrypted_kernel, dask_cluster, tmp_path):
     kernel = encrypted_kernel
     info = json.loads(Path(kernel.connection_file).read_text())
     assert info["curve_publickey"] and info["curve_secretkey"]
@@ -60,13 +60,16 @@ def test_every_polycell_path_works_over_an_encrypted_connection(encrypted_kernel
 
     thread = kernel.execute("%%bg --name t\nprint('from a thread job')")
     process = kernel.execute("%%bg --mode process --name p\nvalue = 6 * 7\nprint('from a process job')")
+    kernel.run(f"import polycell\n_ = polycell.use_dask({dask_cluster!r})")
+    dask = kernel.execute("%%bg --mode dask --name d\nprint('from a dask job')\nfrom_dask = 2 * 3")
     sleeper = kernel.execute("%%bg --name s\nimport time\ntime.sleep(120)")
-    jobs = [kernel.job_id(msg_id) for msg_id in (thread, process, sleeper)]
-    for job in jobs[:2]:
+    jobs = [kernel.job_id(msg_id) for msg_id in (thread, process, dask, sleeper)]
+    for job in jobs[:3]:
         kernel.wait_job_end(job, timeout=60)
     assert kernel.text(thread, "stdout") == "from a thread job\n"
     assert "from a process job\n" in kernel.text(process, "stdout")
-    assert kernel.eval("value") == 42
+    assert kernel.text(dask, "stdout") == "from a dask job\n"
+    assert kernel.eval("(value, from_dask)") == (42, 6)
 
     # The command line, a second client with the same connection file, over the control channel.
     listed = _polycell_cli("jobs", "--json", "--existing", kernel.connection_file, runtime=tmp_path)
@@ -74,10 +77,11 @@ def test_every_polycell_path_works_over_an_encrypted_connection(encrypted_kernel
     assert [(r["id"], r["status"]) for r in json.loads(listed.stdout)] == [
         (jobs[0], "done"),
         (jobs[1], "done"),
-        (jobs[2], "running"),
+        (jobs[2], "done"),
+        (jobs[3], "running"),
     ]
-    killed = _polycell_cli("kill", str(jobs[2]), "--existing", kernel.connection_file, runtime=tmp_path)
-    assert (killed.returncode, killed.stdout) == (0, f"job {jobs[2]} killed\n"), killed.stderr
+    killed = _polycell_cli("kill", str(jobs[3]), "--existing", kernel.connection_file, runtime=tmp_path)
+    assert (killed.returncode, killed.stdout) == (0, f"job {jobs[3]} killed\n"), killed.stderr
 
 
 def test_a_control_request_not_signed_with_the_kernels_key_gets_no_answer():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -84,13 +85,23 @@ def _check_writable(output: Path) -> None:
 
 
 def save_atomically(nb: Any, output: Path) -> None:
-    """Write next to `output`, then rename over it: never half a notebook in its place."""
+    """Write next to `output`, then rename over it: never half a notebook in its place.
+
+    The file keeps the mode it had (a new one gets the umask's), not mkstemp's 0600.
+    """
     import nbformat
 
+    try:
+        mode = stat.S_IMODE(output.stat().st_mode)
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = 0o666 & ~mask
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             nbformat.write(nb, f)
+        os.chmod(tmp, mode)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
