@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -134,7 +134,7 @@ def test_a_clean_run_exits_0_and_a_job_past_the_timeout_is_killed(env, tmp_path)
     assert text_of(outputs(tmp_path / "clean-out.ipynb")[0]) == "ok\n"
     mask = os.umask(0)
     os.umask(mask)
-    assert stat.S_IMODE((tmp_path / "clean-out.ipynb").stat().st_mode) == 0o666 & ~mask  # a notebook, not a secret
+    assert stat.S_IMODE((tmp_path / "clean-out.ipynb").stat().st_mode) == 0o666 & ~mask  # not 0600
 
     slow = write_notebook(
         tmp_path / "slow.ipynb",
