@@ -191,7 +191,9 @@ def test_bad_input_gives_one_line(kernel):
         "%job wait abc": "UsageError: %job: 'abc' is not a job id",
         "%job frob 1": "UsageError: %job: use %job kill N",
         "%bg": "UsageError: %bg: give a statement to run",
-        "%jobs extra": "UsageError: %jobs takes no arguments",
+        "%jobs extra": "UsageError: %jobs: unrecognized arguments: extra",
+        "%%bg --mode thread --mode process\nprint(1)": "UsageError: %%bg: --mode given twice ('thread', then",
+        "%bg --name a --name b print(1)": "UsageError: %bg: --name given twice ('a', then 'b')",
     }
     for code, expected in cases.items():
         reply = kernel.run(code)

@@ -641,13 +641,19 @@ def test_trio_backend_runs_and_kills_task_jobs(pk):
 # -- %jobs, shutdown, restart ------------------------------------------------------------------
 
 
-def test_jobs_lists_the_kernels_other_threads(pk):
+def test_jobs_lists_the_kernels_other_threads_on_request(pk):
     bg = pk.execute("%%bg --name sleeper\nimport time\ntime.sleep(60)")
     pk.reply(bg)
     job = pk.job_id(bg)
-    reply = pk.run("%jobs")
-    (shown,) = [m for m in pk.outputs(reply["parent_header"]["msg_id"]) if m["msg_type"] == "display_data"]
-    text = shown["content"]["data"]["text/plain"]
+
+    def table(line: str) -> str:
+        shown_in = pk.outputs(pk.run(line)["parent_header"]["msg_id"])
+        (shown,) = [m for m in shown_in if m["msg_type"] == "display_data"]
+        return shown["content"]["data"]["text/plain"]
+
+    plain = table("%jobs")
+    assert "sleeper" in plain and "thread(s)" not in plain and "MainThread" not in plain
+    text = table("%jobs --threads")
     assert "sleeper" in text
     assert "  MainThread (non-daemon)" in text
     assert "  Shell channel (daemon)" in text

@@ -58,12 +58,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message.strip() if message else f"{self.prog}: see {self.prog}?")
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: ``--mode thread --mode process`` is a mistake, not a choice."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r}, then {values!r})")
+        setattr(namespace, self.dest, values)
+
+
 @functools.cache  # building one costs more than starting a job; parsing does not change it
 def _bg_parser(prog: str) -> _Parser:
     parser = _Parser(prog=prog, add_help=False)
-    parser.add_argument("--mode", choices=list(MODES), default=None)
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--backend", default=None)
+    parser.add_argument("--mode", choices=list(MODES), default=None, action=_Once)
+    parser.add_argument("--name", default=None, action=_Once)
+    parser.add_argument("--backend", default=None, action=_Once)
     return parser
 
 
@@ -121,13 +130,15 @@ class PolycellMagics(Magics):
 
     @line_magic
     def jobs(self, line: str) -> None:
-        """Show the table of jobs (id, name, mode, status, elapsed time, last output),
-        then the kernel's other threads: what else is running in this process."""
-        if line.strip():
-            raise UsageError("%jobs takes no arguments")
+        """Show the table of jobs (id, name, mode, status, elapsed time, last output):
+        %jobs [--threads]. With --threads, the kernel's other threads follow it:
+        what else is running in this process (ipykernel's own, a cluster's, yours)."""
+        parser = _Parser(prog="%jobs", add_help=False)
+        parser.add_argument("--threads", action="store_true")
+        args = parser.parse_args(_split(line, "%jobs"))
         jobs = list(self.polycell.jobs)
         job_threads = {job.info.get("thread") for job in jobs if not job.done}
-        display(JobsView(jobs, other_threads(job_threads)))
+        display(JobsView(jobs, other_threads(job_threads) if args.threads else None))
 
     @line_magic
     def job(self, line: str) -> Any:
