@@ -204,6 +204,41 @@ def test_bad_input_gives_one_line(kernel):
     assert kernel.eval("1 + 1") == 2
 
 
+def _error_traceback(kernel, reply) -> list[str]:
+    (error,) = [m for m in kernel.outputs(reply["parent_header"]["msg_id"]) if m["msg_type"] == "error"]
+    return error["content"]["traceback"]
+
+
+def test_api_mistakes_are_one_line_with_no_polycell_frame(kernel):
+    cases = {
+        "jobs[999]": "JobError: no job 999",
+        "jobs.map(abs, 5)": "JobError: jobs.map: the items must be iterable",
+        "jobs.map(abs, [1], mode='nope')": "JobError: jobs.map: unknown mode 'nope'",
+        "jobs.map(abs, [1], workers=0)": "JobError: jobs.map: workers",
+        "jobs.map(abs, [1], chunksize=0)": "JobError: jobs.map: chunksize must be",
+    }
+    for code, expected in cases.items():
+        reply = kernel.run(code)
+        assert reply["content"]["ename"] == "JobError", code
+        traceback = _error_traceback(kernel, reply)
+        assert len(traceback) == 1 and traceback[0].startswith(expected), (code, traceback)
+        assert "polycell/" not in traceback[0], (code, traceback)
+
+
+def test_interrupting_job_wait_stops_the_waiting_in_one_line(kernel):
+    bg = kernel.execute("%%bg --name sleeper\nimport time\ntime.sleep(120)")
+    job = kernel.job_id(bg)
+    fg = kernel.start_foreground(f"%job wait {job}")
+    kernel.km.interrupt_kernel()
+    reply = kernel.reply(fg, timeout=30)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    stopped = f"KeyboardInterrupt: stopped waiting; job {job} is still running"
+    assert _error_traceback(kernel, reply) == [stopped]
+    assert kernel.eval(f"jobs[{job}].status.value") == "running"
+    kernel.run(f"%job kill {job}")
+    kernel.wait_job_end(job)
+
+
 def test_job_output_during_heavy_printing_is_complete_and_in_order(kernel):
     bg = kernel.execute("%%bg\nfor i in range(20000):\n    print(i)")
     job = kernel.job_id(bg)

@@ -53,6 +53,11 @@ class JobState(enum.StrEnum):
 class JobError(Exception):
     """A user-facing error about jobs: its message is meant to be shown as one line."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows an exception through this method when it has one: a mistake
+        # such as jobs[999] or jobs.map(f, 5) is one line, not a walk through polycell.
+        return [one_line(self, 1000)]
+
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: message`` on one line, cut to `limit` characters: how polycell reports a cause."""

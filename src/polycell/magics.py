@@ -48,6 +48,16 @@ class _CellSyntaxError(Exception):
 _CellSyntaxError.__name__ = _CellSyntaxError.__qualname__ = "SyntaxError"
 
 
+class _StoppedWaiting(KeyboardInterrupt):
+    """■ during ``%job wait N``: the interrupt stops the waiting, not the job; said in one line."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+_StoppedWaiting.__name__ = _StoppedWaiting.__qualname__ = "KeyboardInterrupt"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises a one-line UsageError instead of exiting."""
 
@@ -177,7 +187,11 @@ class PolycellMagics(Magics):
     def _wait(self, job: Job, timeout: float | None) -> Any:
         if timeout is not None and timeout < 0:
             raise UsageError("%job wait: --timeout must be zero or more seconds")
-        if not job.wait(timeout):
+        try:
+            ended = job.wait(timeout)
+        except KeyboardInterrupt:
+            raise _StoppedWaiting(f"stopped waiting; job {job.id} is still {view.status_text(job)}") from None
+        if not ended:
             print(f"job {job.id} is still {view.status_text(job)} after {timeout:g}s")
             return None
         if job.status is JobState.DONE:
