@@ -239,6 +239,25 @@ def test_interrupting_job_wait_stops_the_waiting_in_one_line(kernel):
     kernel.wait_job_end(job)
 
 
+def test_a_job_that_catches_its_kill_says_so(kernel):
+    kernel.run("import threading\ngate = threading.Event()")
+    bg = kernel.execute(
+        "%%bg\nimport time\ntry:\n    print('sleeping')\n    time.sleep(60)\nexcept BaseException as exc:\n"
+        "    print('caught', type(exc).__name__)\n    gate.wait(60)"
+    )
+    job = kernel.job_id(bg)
+    kernel.wait_for(lambda m: m["parent_header"].get("msg_id") == bg and "sleeping" in kernel.text(bg), 30)
+    kill = kernel.run(f"%job kill {job}")
+    said = kernel.text(kill["parent_header"]["msg_id"])
+    assert said.startswith(f"job {job}: kill requested; it has not stopped yet"), said
+    assert "caught the kill" in said
+    kernel.run("gate.set()")
+    kernel.wait_job_end(job)
+    assert kernel.eval(f"jobs[{job}].status.value") == "done"
+    assert kernel.text(bg, "stdout") == "sleeping\ncaught JobKilled\n"
+    assert f"[job {job} was asked to stop but ended done after" in kernel.text(bg, "stderr")
+
+
 def test_job_output_during_heavy_printing_is_complete_and_in_order(kernel):
     bg = kernel.execute("%%bg\nfor i in range(20000):\n    print(i)")
     job = kernel.job_id(bg)

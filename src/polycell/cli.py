@@ -217,7 +217,8 @@ def cmd_kill(link: KernelLink, job_id: int) -> int:
     if outcome == "killed":
         print(f"job {job_id} killed")
     else:
-        print(f"job {job_id}: kill requested, still blocked in a call that cannot be interrupted")
+        why = "in a call that cannot be interrupted, or it caught the kill"
+        print(f"job {job_id}: kill requested, not stopped yet ({why})")
     return 0
 
 

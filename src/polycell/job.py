@@ -238,6 +238,14 @@ class Job:
         if state is JobState.KILLED:
             why = f": {self._kill_reason}" if self._kill_reason else ""
             self.journal.write("stderr", f"[job {self.id} killed after {self.elapsed:.2f}s{why}]\n")
+        elif self.kill_requested:
+            # Code that catches BaseException can catch the kill, and a job can end
+            # before the kill reaches it: either way it was not killed, and says so.
+            self.journal.write(
+                "stderr",
+                f"[job {self.id} was asked to stop but ended {state.value} after {self.elapsed:.2f}s: "
+                "it caught the kill, or finished first]\n",
+            )
         self.journal.close()
         self._notify()
         if exception is None:

@@ -178,8 +178,9 @@ class PolycellMagics(Magics):
             print(f"job {job.id} killed")
         elif outcome is KillOutcome.STILL_BLOCKED:
             print(
-                f"job {job.id}: kill requested, still blocked (in C code that cannot be "
-                "interrupted); it will be marked killed as soon as that call returns"
+                f"job {job.id}: kill requested; it has not stopped yet: it is in C code that cannot be "
+                "interrupted (it stops when that call returns), or its code caught the kill. "
+                "Its cell will say how it ends."
             )
         else:
             print(f"job {job.id} ended ({job.status}) before it could be killed")
