@@ -258,6 +258,17 @@ def test_a_job_that_catches_its_kill_says_so(kernel):
     assert f"[job {job} was asked to stop but ended done after" in kernel.text(bg, "stderr")
 
 
+def test_unload_ext_says_which_jobs_it_ended_and_each_cell_says_why(kernel):
+    bg = kernel.execute("%%bg --name sleeper\nimport time\ntime.sleep(120)")
+    job = kernel.job_id(bg)
+    unload = kernel.run("%unload_ext polycell")
+    said = kernel.text(unload["parent_header"]["msg_id"])
+    assert said == f"polycell unloaded: 1 running job(s) killed: job {job} 'sleeper'\n"
+    assert f"[job {job} killed after" in kernel.text(bg, "stderr")
+    assert ": %unload_ext polycell]" in kernel.text(bg, "stderr")
+    assert kernel.text(kernel.run("%unload_ext polycell")["parent_header"]["msg_id"]) == ""  # nothing left
+
+
 def test_job_output_during_heavy_printing_is_complete_and_in_order(kernel):
     bg = kernel.execute("%%bg\nfor i in range(20000):\n    print(i)")
     job = kernel.job_id(bg)

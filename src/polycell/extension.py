@@ -80,12 +80,15 @@ class Polycell:
         self.jobs.on_new_job = self.attach
         atexit.register(self.close)
 
-    def close(self) -> None:
-        """End every job and stop routing; idempotent."""
+    def close(self, reason: str = "the kernel is exiting") -> list[Job]:
+        """End every job (each cell says why) and stop routing; idempotent. Returns the jobs ended."""
         atexit.unregister(self.close)
         self.control.uninstall()
         if self.jobs.on_new_job == self.attach:
             self.jobs.on_new_job = None
+        running = self.jobs.running()
+        for job in running:
+            job.kill(timeout=0, reason=reason)  # ask them all first; the runners' shutdown waits
         self.jobs.shutdown()
         self.publisher.flush(2)
         self.publisher.close()
@@ -95,6 +98,7 @@ class Polycell:
             self.jobs.remove_new_job_listener(self.store.track)
             self.store.close()
             self.store = None
+        return running
 
     # -- starting jobs -------------------------------------------------------------------
 
@@ -334,8 +338,12 @@ def load_ipython_extension(shell: Any) -> None:
 
 def unload_ipython_extension(shell: Any) -> None:
     polycell = _loaded.pop(id(shell), None)
-    if polycell is not None:
-        polycell.close()
+    if polycell is None:
+        return
+    ended = polycell.close("%unload_ext polycell")
+    if ended:
+        names = ", ".join(f"job {job.id} {job.name!r}" for job in ended)
+        print(f"polycell unloaded: {len(ended)} running job(s) killed: {names}")
 
 
 def loaded(shell: Any) -> Polycell | None:
