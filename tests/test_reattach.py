@@ -105,6 +105,14 @@ def test_show_of_an_ended_job_replays_everything(kernel, second_client):
     assert b.text(show) == _expected(0, 5)
     results = [m for m in b.outputs(show) if m["msg_type"] == "execute_result"]
     assert results and results[0]["content"]["data"]["text/plain"] == "'result'"
+    # All of it before the cell's idle, where nbclient and papermill stop listening.
+    mine = [m for m in b.messages if m["parent_header"].get("msg_id") == show]
+    idle = next(
+        i
+        for i, m in enumerate(mine)
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+    )
+    assert [m["msg_type"] for m in mine[idle + 1 :]] == []
 
 
 def test_jobs_table_from_a_new_client(kernel, second_client):

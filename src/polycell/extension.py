@@ -269,10 +269,16 @@ class Polycell:
         # The final update is sent after the job's last output, so the handle never
         # says "done" while its traceback is still on its way.
         self.publisher.follow(job, parent, replay=replay, on_end=update)
+        if replay:
+            # The replay (all of it, for a job that ended) reaches the socket before the
+            # cell's idle: nbclient and papermill stop listening to a cell there.
+            self.publisher.flush(_REPLAY_FLUSH_SECONDS)
 
 
 #: How long starting a job waits for its handle to be sent (only a stuck socket takes that long).
 _HANDLE_FLUSH_SECONDS = 2.0
+#: How long ``%job show`` waits for its replay to be sent (a journal of many megabytes takes that long).
+_REPLAY_FLUSH_SECONDS = 10.0
 
 
 def _env_number(name: str, default: float) -> float:
