@@ -232,7 +232,7 @@ def test_papermill_engine_polycell_keeps_every_job_output(env, tmp_path, kernel)
     saved = nbformat.read(out, as_version=4)
     code = [c for c in saved.cells if c.cell_type == "code"]
     assert "n = 5" in code[1].source  # papermill's injected parameters
-    assert_every_job_in_its_cell([c.get("outputs", []) for c in code], offset=1)
+    assert_every_job_in_its_cell([c.get("outputs", []) for c in code], offset=2)  # + the parameters
     assert_no_history_written(env)
 
 
