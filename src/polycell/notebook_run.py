@@ -123,9 +123,7 @@ def _client_class() -> type:
                 text = output_text(output)
                 late = self.watch is not None and job is not None and cell_index != self.running_index
                 if text and late:
-                    text = "".join(
-                        f"[cell {cell_index + 1}, job {job}] {line}" for line in text.splitlines(True)
-                    )
+                    text = _tagged(text, f"[cell {cell_index + 1}, job {job}] ")
                 self.terminal.write(text)
                 self.terminal.flush()
             return output
@@ -243,6 +241,14 @@ def run_notebook(
         f"[polycell run] done: {code_cells} cell(s), {len(client.watch.jobs) if client.watch else 0} job(s)\n"
     )
     return 0
+
+
+def _tagged(text: str, tag: str) -> str:
+    """Each line of `text` after `tag`, ended; of a line a progress bar redrew with ``\r``, its last state."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return "".join(f"{tag}{line.rsplit(chr(13), 1)[-1]}\n" for line in lines)
 
 
 def _error_line(exc: BaseException) -> str:
