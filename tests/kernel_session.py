@@ -216,8 +216,14 @@ class KernelSession:
         """Evaluate an expression in the kernel and return it (via repr/literal)."""
         import ast
 
-        msg_id = self.kc.execute("", silent=True, user_expressions={"x": expression})
-        reply = self.reply(msg_id, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg_id = self.kc.execute("", silent=True, user_expressions={"x": expression})
+            reply = self.reply(msg_id, max(0.0, deadline - time.monotonic()))
+            # Right after a cell fails (an interrupt too), ipykernel aborts what arrives
+            # until its stop-on-error window closes: ask again, as a user would.
+            if reply["content"]["status"] != "aborted":
+                break
         value = reply["content"]["user_expressions"]["x"]
         if value["status"] != "ok":
             raise RuntimeError(f"{value['ename']}: {value['evalue']}")

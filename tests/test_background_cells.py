@@ -163,7 +163,6 @@ def test_an_interrupt_another_thread_took_still_stops_the_foreground(kernel):
     fg = kernel.execute("_taker.start()\nimport time\ntime.sleep(60)")
     reply = kernel.reply(fg, timeout=30)
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
-    kernel.run("_taker.join(10)")
 
 
 def test_wait_and_jobs_table(kernel):
@@ -226,11 +225,28 @@ def test_api_mistakes_are_one_line_with_no_polycell_frame(kernel):
 
 
 def test_interrupting_job_wait_stops_the_waiting_in_one_line(kernel):
-    bg = kernel.execute("%%bg --name sleeper\nimport time\ntime.sleep(120)")
+    # The job itself says when the main thread is inside %job wait's wait: the ■ must land there.
+    bg = kernel.execute(
+        "%%bg --name sleeper\n"
+        "import sys, threading, time\n"
+        "def _main_is_waiting():\n"
+        "    frame = sys._current_frames().get(threading.main_thread().ident)\n"
+        "    names = []\n"
+        "    while frame is not None:\n"
+        "        names.append(frame.f_code.co_name)\n"
+        "        frame = frame.f_back\n"
+        "    return names[:1] == ['wait'] and '_wait' in names\n"
+        "while not _main_is_waiting():\n"
+        "    time.sleep(0.01)\n"
+        "print('main is waiting')\n"
+        "time.sleep(120)"
+    )
     job = kernel.job_id(bg)
-    fg = kernel.start_foreground(f"%job wait {job}")
+    fg = kernel.execute(f"%job wait {job}")
+    kernel.wait_for(lambda m: "main is waiting" in kernel.text(bg), 30)
     kernel.km.interrupt_kernel()
     reply = kernel.reply(fg, timeout=30)
+    kernel.wait_idle(fg)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     stopped = f"KeyboardInterrupt: stopped waiting; job {job} is still running"
     assert _error_traceback(kernel, reply) == [stopped]
