@@ -36,11 +36,13 @@ def encrypted_kernel(tmp_path: Path) -> KernelSession:
     # The installed kernelspec's own declaration decides whether "required" may start it.
     km._kernel_spec = KernelSpec(**{**kernel_dict(), "argv": POLYCELL_KERNEL})
     km.start_kernel(env=kernel_env())
-    session = KernelSession(attach_to=km)
     try:
-        yield session
+        session = KernelSession(attach_to=km)
+        try:
+            yield session
+        finally:
+            session.close()
     finally:
-        session.close()
         km.shutdown_kernel(now=True)
 
 

@@ -157,13 +157,15 @@ class DaskRunner(Runner):
         if address is None:
             import logging
 
-            # Loopback only, the dashboard too (":0" would serve it on every interface):
-            # a cluster anyone on the network can reach runs their code. For a wider one,
-            # users start it themselves and pass its client to `polycell.use_dask`.
+            # Loopback only, the dashboards too (":0" would serve them on every interface;
+            # distributed 2024.x workers open theirs whatever `dashboard` says): a cluster
+            # anyone on the network can reach runs their code. For a wider one, users start
+            # it themselves and pass its client to `polycell.use_dask`.
             self._cluster = LocalCluster(
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address="127.0.0.1:0",
+                worker_dashboard_address="127.0.0.1:0",
                 silence_logs=logging.ERROR,
                 preload=["polycell.dask_worker"],  # its dask_setup: the kernel's interrupt is not theirs
             )
