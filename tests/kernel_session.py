@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +34,23 @@ def kernel_env() -> dict[str, str]:
     env.pop("PYTEST_CURRENT_TEST", None)
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     return env
+
+
+def run_polycell(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The ``polycell`` command, run as a separate process as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "polycell.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def polycell(*args: str, runtime: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``polycell ARGS`` with `runtime` as its Jupyter runtime directory (where it finds kernels)."""
+    return run_polycell(*args, env={**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}, timeout=timeout)
 
 
 class KernelSession:

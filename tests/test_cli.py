@@ -15,21 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env
+from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env, polycell
 from polycell.cli import main
 from polycell.journal_store import read_job
-
-
-def polycell(*args: str, runtime: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)}
-    return subprocess.run(
-        [sys.executable, "-m", "polycell.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _tail(job: int, runtime: Path) -> subprocess.Popen[str]:

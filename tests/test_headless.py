@@ -21,7 +21,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from kernel_session import kernel_env
+from kernel_session import kernel_env, run_polycell
 
 KERNELS = ["polycell", "python3"]
 
@@ -63,14 +63,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def polycell_run(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "polycell.cli", "run", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
+    return run_polycell("run", *args, env=env, timeout=timeout)
 
 
 def outputs(path: Path) -> list[list[dict]]:

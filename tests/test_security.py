@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,9 @@ from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.session import Session
 
-from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env
+from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env, polycell
 from polycell.control import REPLY_TYPE, REQUEST_TYPE
 from polycell.kernelspec import kernel_dict
-
-
-def _polycell_cli(*args: str, runtime: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "polycell.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**kernel_env(), "JUPYTER_RUNTIME_DIR": str(runtime)},
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture
@@ -74,7 +61,7 @@ def test_every_polycell_path_works_over_an_encrypted_connection(encrypted_kernel
     assert kernel.eval("(value, from_dask)") == (42, 6)
 
     # The command line, a second client with the same connection file, over the control channel.
-    listed = _polycell_cli("jobs", "--json", "--existing", kernel.connection_file, runtime=tmp_path)
+    listed = polycell("jobs", "--json", "--existing", kernel.connection_file, runtime=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert [(r["id"], r["status"]) for r in json.loads(listed.stdout)] == [
         (jobs[0], "done"),
@@ -82,7 +69,7 @@ def test_every_polycell_path_works_over_an_encrypted_connection(encrypted_kernel
         (jobs[2], "done"),
         (jobs[3], "running"),
     ]
-    killed = _polycell_cli("kill", str(jobs[3]), "--existing", kernel.connection_file, runtime=tmp_path)
+    killed = polycell("kill", str(jobs[3]), "--existing", kernel.connection_file, runtime=tmp_path)
     assert (killed.returncode, killed.stdout) == (0, f"job {jobs[3]} killed\n"), killed.stderr
 
 

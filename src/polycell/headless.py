@@ -68,8 +68,9 @@ class JobWatch:
         from jupyter_client import BlockingKernelClient
 
         # Blocking, whatever nbclient's manager makes (an async client): it runs on a thread.
+        self.connection_file = kernel_manager.connection_file
         self.client = BlockingKernelClient()
-        self.client.load_connection_file(kernel_manager.connection_file)
+        self.client.load_connection_file(self.connection_file)
         self.client.start_channels()
         # Once it answers, the iopub subscription is in place: nothing later is missed.
         self.client.wait_for_ready(timeout=timeout)
@@ -148,19 +149,16 @@ class JobWatch:
         with self._changed:
             return [job for job in self.jobs.values() if job.status not in FINAL_STATUSES]
 
-    def request(self, action: str, timeout: float = 10, **fields: Any) -> dict[str, Any] | None:
-        """A ``polycell_request`` on the control channel; its reply content, or None."""
-        msg = self.client.session.msg("polycell_request", {"action": action, **fields})
-        self.client.control_channel.send(msg)
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                reply = self.client.control_channel.get_msg(timeout=remaining)
-            except queue.Empty:
-                break
-            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                return dict(reply["content"])
-        return None
+    def kill(self, jobs: list[JobOutcome], timeout: float = 10) -> None:
+        """Ask the kernel to kill these jobs, as ``polycell kill`` does (over the control channel)."""
+        from polycell.cli import CliError, KernelLink
+
+        with KernelLink(self.connection_file, timeout) as link:
+            for job in jobs:
+                try:
+                    link.request("kill", job=job.id)
+                except CliError:
+                    continue  # it ended meanwhile, or the kernel is gone: its handle says which
 
 
 class FollowJobs:
@@ -194,10 +192,9 @@ class FollowJobs:
     def cell_index_of(self, job: JobOutcome) -> int | None:
         return self._cell_of_msg.get(job.cell_msg_id)
 
-    def apply_late_output(self) -> int:
-        """Put what came for finished cells after their idle into those cells; how many messages."""
+    def apply_late_output(self) -> None:
+        """Put what came for finished cells after their idle into those cells."""
         assert self.watch is not None
-        applied = 0
         current_clear = self.clear_before_next_output  # type: ignore[has-type]
         for msg_id, index in self._cell_of_msg.items():
             late = self.watch.take_late(msg_id)
@@ -208,11 +205,9 @@ class FollowJobs:
             self.clear_before_next_output = self._clear_pending.get(index, False)
             for msg in late:
                 self.process_message(msg, cell, index)  # type: ignore[attr-defined]
-                applied += 1
             self._clear_pending[index] = self.clear_before_next_output
             self._touched.add(index)
         self.clear_before_next_output = current_clear
-        return applied
 
     def merge_late_streams(self) -> None:
         """Adjacent text of one stream as one output, as nbclient leaves a cell it ran."""
@@ -249,9 +244,8 @@ class FollowJobs:
             if on_wait is not None:
                 on_wait(running)
             if deadline is not None and time.monotonic() >= deadline:
-                for job in running:
-                    timed_out.add(job.id)
-                    watch.request("kill", job=job.id)
+                timed_out.update(job.id for job in running)
+                watch.kill(running)
                 watch.wait(lambda: not watch.running(), 30)  # for the kills to be reported
                 break
             remaining = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
@@ -276,7 +270,6 @@ class FollowJobs:
         """Ask the kernel to kill every job that has not ended (Ctrl-C, a run given up)."""
         if self.watch is None:
             return
-        for job in self.watch.running():
-            self.watch.request("kill", job=job.id, timeout=5)
+        self.watch.kill(self.watch.running(), timeout=5)
         self.watch.wait(lambda: not self.watch.running(), 10)  # type: ignore[union-attr]
         self.apply_late_output()
