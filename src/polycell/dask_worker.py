@@ -42,6 +42,7 @@ import cloudpickle
 
 from polycell.cell import cell_traceback_start
 from polycell.job import JobKilled
+from polycell.program_output import install_program_capture
 from polycell.routing import RoutedStream
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
@@ -51,6 +52,7 @@ Record = dict[str, Any]
 
 _sink: contextvars.ContextVar[Any] = contextvars.ContextVar("polycell_dask_sink", default=None)
 _install_lock = threading.Lock()
+_programs_captured = False
 #: Events are sent when this much stream text is buffered, or after this long.
 _EVENT_CHARS = 32_000
 _EVENT_SECONDS = 0.1
@@ -80,6 +82,10 @@ def _install_capture() -> None:
             # JobAwareStream is a RoutedStream too, and still needs this wrapper.
             if not (isinstance(stream, RoutedStream) and stream._polycell_sink == _sink.get):
                 setattr(sys, name, RoutedStream(name, stream, _sink.get))
+        global _programs_captured
+        if not _programs_captured:
+            install_program_capture()  # a cell's subprocess output goes with its prints
+            _programs_captured = True
         try:
             import IPython.display
             from IPython.core import display_functions

@@ -25,6 +25,7 @@ from polycell.job import Job, JobError, one_line
 from polycell.job_table import JobTable, jobs
 from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
+from polycell.program_output import install_program_capture, remove_program_capture
 from polycell.routing import OutputRouter, write_error, write_result
 
 __all__ = ["Polycell", "cell_execution_count", "load_ipython_extension", "unload_ipython_extension"]
@@ -67,6 +68,7 @@ class Polycell:
         from polycell.magics import PolycellMagics
 
         self.router.install()
+        install_program_capture()  # subprocess and os.system output of a job to its cell
         self.waker.install()  # a ■ another thread took still wakes the main thread
         self.shell.register_magics(PolycellMagics(self.shell, self))
         self.shell.user_ns["jobs"] = self.jobs
@@ -93,6 +95,7 @@ class Polycell:
         self.publisher.flush(2)
         self.publisher.close()
         self.router.uninstall()
+        remove_program_capture()
         self.waker.uninstall()
         if self.store is not None:
             self.jobs.remove_new_job_listener(self.store.track)

@@ -76,4 +76,3 @@ class PolycellEngine(NBClientEngine):
             extra_arguments=extra,
         )
         return PolycellPapermillClient(nb_man, **final_kwargs).execute()
-

@@ -39,6 +39,10 @@ class RoutedStream:
         self._polycell_inner = inner
         self._polycell_sink = sink
 
+    def routes_to_job(self) -> bool:
+        """Whether text written now, from this context, goes to a job rather than through."""
+        return self._polycell_sink() is not None
+
     def write(self, text: str) -> int:
         target = self._polycell_sink()
         if target is None:

@@ -8,9 +8,10 @@ combines two mechanisms:
   runs Python code.
 * A thread blocked inside ``time.sleep`` runs no bytecode until the sleep ends,
   so the async exception alone would wait. While a `ThreadRunner` exists,
-  ``time.sleep`` is replaced by a function that behaves exactly like it but,
-  in a job's thread, sleeps on that job's `KillSwitch` instead; a kill wakes it
-  and the pending exception is raised at the next bytecode.
+  ``time.sleep`` is replaced by a stand-in (`BuiltinStandIn`) that is the real
+  sleep everywhere but a job's thread, which sleeps on that job's `KillSwitch`
+  instead; a kill wakes it and the pending exception is raised at the next
+  bytecode. Outside jobs it adds no frame: tracebacks read as without polycell.
 
 ``PyThreadState_SetAsyncExc`` is CPython's (3.10-3.13 here); the test suite
 fails if it stops stopping a loop.
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from polycell.builtin_standin import BuiltinStandIn
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobKilled, Runner
 
@@ -43,18 +45,13 @@ _sleep_patch_users = 0
 _sleep_patch_lock = threading.Lock()
 
 
-def _interruptible_sleep(seconds: float, /) -> None:
-    """`time.sleep`, except that a kill of the calling job's thread wakes it."""
-    __tracebackhide__ = True  # an interrupted foreground sleep shows the user's frame, not this one
+def _sleep_for_calling_job() -> Callable[[float], None] | None:
+    """The calling job thread's `KillSwitch.sleep`; None (the real sleep) anywhere else."""
     switch = _switches.get(threading.get_ident())
-    if switch is None:
-        _real_sleep(seconds)
-        return
-    if not isinstance(seconds, (int, float)):
-        seconds = float(seconds)  # same TypeError as time.sleep for non-numbers
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError("sleep length must be non-negative")
-    switch.sleep(seconds)
+    return switch.sleep if switch is not None else None
+
+
+_interruptible_sleep = BuiltinStandIn(_real_sleep, _sleep_for_calling_job, "time")
 
 
 def install_interruptible_sleep() -> None:
@@ -120,7 +117,7 @@ class KillSwitch:
     is pulled. `pull` schedules the exception *before* it releases that lock, so
     the sleeper wakes with the exception already pending and runs no line of the
     job after its sleep; and a bare lock (not a `threading.Event`) means the
-    exception lands in `_interruptible_sleep` itself, never half-way through the
+    exception lands in `sleep` itself, never half-way through the
     Python code of a condition variable.
     """
 
@@ -155,8 +152,12 @@ class KillSwitch:
             _leave_busy()
             _switches.pop(ident, None)
 
-    def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float, /) -> None:
         """Sleep up to `seconds`, or until the switch is pulled (then at once, every time)."""
+        if not isinstance(seconds, (int, float)):
+            seconds = float(seconds)  # the TypeError of time.sleep for non-numbers
+        if math.isnan(seconds) or seconds < 0:
+            raise ValueError("sleep length must be non-negative")
         if self._wake.acquire(timeout=seconds):
             self._wake.release()  # pulled: let every later sleep return at once too
 

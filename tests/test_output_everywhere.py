@@ -1,0 +1,105 @@
+"""Every output of a job lands in its own cell, whatever writes it, on both kernels.
+
+Each test runs twice: on a stock ipykernel with ``%load_ext polycell`` and on
+the polycell kernel. Assertions are on the iopub messages of each cell, by
+parent msg_id.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from kernel_session import POLYCELL_KERNEL, KernelSession
+
+#: A job waits on this event, which a foreground cell sets, so that the two overlap.
+GATE = "import threading\ngate = threading.Event()\njob_ready = threading.Event()"
+
+
+@pytest.fixture(params=["extension", "kernel"])
+def session(request: pytest.FixtureRequest) -> Iterator[KernelSession]:
+    if request.param == "extension":
+        s = KernelSession()
+    else:
+        s = KernelSession(POLYCELL_KERNEL, load_ext=False)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _streams(session: KernelSession, msg_id: str) -> str:
+    return "".join(m["content"]["text"] for m in session.outputs(msg_id) if m["msg_type"] == "stream")
+
+
+@pytest.mark.parametrize("mode", ["thread", "task"])
+def test_programs_a_job_starts_write_to_its_cell(session: KernelSession, mode: str) -> None:
+    session.run(GATE)
+    bg = session.execute(
+        f"%%bg --mode {mode}\n"
+        "import os, subprocess, sys\n"
+        "job_ready.set()\n"
+        "gate.wait(30)\n"
+        "subprocess.run(['echo', 'SUBPROC-LINE'])\n"
+        "os.system('echo OS-SYSTEM-LINE; echo OS-SYSTEM-ERR >&2')\n"
+        "subprocess.run('echo POPEN-ERR >&2', shell=True, stdout=subprocess.DEVNULL)\n"
+        "print('py-line')\n"
+        "print(subprocess.run(['echo', 'CAPTURED'], capture_output=True, text=True).stdout.strip() + '!')\n"
+        "print(os.system('exit 3') >> 8)"
+    )
+    job = session.job_id(bg)
+    # The foreground prints and runs its own program while the job's programs write.
+    fg = session.execute(
+        "import subprocess, time\njob_ready.wait(30)\nprint('fg-before')\ngate.set()\n"
+        "subprocess.run(['echo', 'FG-SUBPROC'])\ntime.sleep(0.5)\nprint('fg-after')"
+    )
+    session.wait_idle(fg)
+    session.wait_job_end(job)
+    assert session.text(bg, "stdout") == "SUBPROC-LINE\nOS-SYSTEM-LINE\npy-line\nCAPTURED!\n3\n"
+    assert session.text(bg, "stderr") == "OS-SYSTEM-ERR\nPOPEN-ERR\n"
+    foreground = _streams(session, fg)
+    for line in ("SUBPROC-LINE", "OS-SYSTEM", "POPEN-ERR"):
+        assert line not in foreground
+    assert "fg-before" in foreground and "fg-after" in foreground
+
+
+def test_programs_outside_jobs_are_untouched(session: KernelSession) -> None:
+    reply = session.run(
+        "import os, subprocess\n"
+        "r = subprocess.run(['sh', '-c', 'exit 5'])\n"
+        "status = os.system('exit 2')\n"
+        "print(r.returncode, status >> 8, type(subprocess.Popen).__name__)"
+    )
+    assert session.text(reply["parent_header"]["msg_id"]).endswith("5 2 type\n")
+
+
+def _main_thread_in_sleep_watcher() -> str:
+    """A job that prints 'main sleeps' once the main thread is blocked in the cell's own sleep."""
+    return (
+        "%%bg --name watcher\n"
+        "import sys, threading, time\n"
+        "def _main_sleeps():\n"
+        "    frame = sys._current_frames().get(threading.main_thread().ident)\n"
+        "    return frame is not None and frame.f_code.co_name == '<module>' and frame.f_lineno == 2\n"
+        "while not _main_sleeps():\n"
+        "    time.sleep(0.01)\n"
+        "print('main sleeps')"
+    )
+
+
+def test_an_interrupted_foreground_sleep_shows_the_users_traceback(session: KernelSession) -> None:
+    """After thread jobs ran (time.sleep is polycell's stand-in), a ■ in a foreground sleep
+    shows the traceback it shows without polycell: the cell's line, no polycell frame."""
+    watcher = session.execute(_main_thread_in_sleep_watcher())
+    job = session.job_id(watcher)
+    fg = session.execute("import time\ntime.sleep(300)")
+    session.wait_job_end(job)
+    assert session.text(watcher) == "main sleeps\n"
+    session.km.interrupt_kernel()
+    reply = session.reply(fg, timeout=30)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply["content"]["traceback"]))
+    assert "polycell" not in traceback and "time.sleep(300)" in traceback
+    assert session.eval("time.sleep.__module__, repr(time.sleep)") == ("time", "<built-in function sleep>")
