@@ -103,3 +103,32 @@ def test_an_interrupted_foreground_sleep_shows_the_users_traceback(session: Kern
     traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply["content"]["traceback"]))
     assert "polycell" not in traceback and "time.sleep(300)" in traceback
     assert session.eval("time.sleep.__module__, repr(time.sleep)") == ("time", "<built-in function sleep>")
+
+
+def _images(session: KernelSession, msg_id: str) -> int:
+    return sum(
+        1
+        for m in session.outputs(msg_id)
+        if m["msg_type"] in ("display_data", "execute_result") and "image/png" in m["content"]["data"]
+    )
+
+
+def test_a_jobs_figures_show_in_its_cell_only(session: KernelSession) -> None:
+    session.run(GATE + "\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')")
+    shown = session.execute(
+        "%%bg\nimport matplotlib.pyplot as plt\nplt.plot([3, 2, 1])\n"
+        "job_ready.set()\ngate.wait(30)\nplt.show()"
+    )
+    left_open = session.execute("%%bg\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\ngate.wait(30)")
+    jobs = [session.job_id(shown), session.job_id(left_open)]
+    # A foreground cell ends, and draws a figure of its own, while both jobs hold theirs open.
+    fg = session.run("job_ready.wait(30)\nx = 1")["parent_header"]["msg_id"]
+    fg_plot = session.run("import matplotlib.pyplot as plt\nplt.plot([5, 5])")["parent_header"]["msg_id"]
+    session.run("gate.set()")
+    for job in jobs:
+        session.wait_job_end(job)
+    assert _images(session, fg) == 0
+    assert _images(session, fg_plot) == 1
+    assert _images(session, shown) == 1  # at its plt.show()
+    assert _images(session, left_open) == 1  # when it ended, as a foreground cell's
+    assert session.eval("len(plt.get_fignums())") == 0

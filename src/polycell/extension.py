@@ -22,6 +22,7 @@ from polycell.control import ControlHandler
 from polycell.interrupts import BackgroundThread, InterruptWaker
 from polycell.iopub import IOPubPublisher
 from polycell.job import Job, JobError, one_line
+from polycell.job_figures import install_job_figures, remove_job_figures, show_open_figures
 from polycell.job_table import JobTable, jobs
 from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
@@ -69,6 +70,7 @@ class Polycell:
 
         self.router.install()
         install_program_capture()  # subprocess and os.system output of a job to its cell
+        install_job_figures()  # a job's matplotlib figures in its cell only
         self.waker.install()  # a ■ another thread took still wakes the main thread
         self.shell.register_magics(PolycellMagics(self.shell, self))
         self.shell.user_ns["jobs"] = self.jobs
@@ -96,6 +98,7 @@ class Polycell:
         self.publisher.close()
         self.router.uninstall()
         remove_program_capture()
+        remove_job_figures()
         self.waker.uninstall()
         if self.store is not None:
             self.jobs.remove_new_job_listener(self.store.track)
@@ -168,23 +171,29 @@ class Polycell:
 
             async def body() -> Any:
                 try:
-                    value = await cell.run_async(namespace)
-                except BaseException as exc:
-                    fail(exc)
-                    raise
-                write_result(job, shell, value, count)
-                return value
+                    try:
+                        value = await cell.run_async(namespace)
+                    except BaseException as exc:
+                        fail(exc)
+                        raise
+                    write_result(job, shell, value, count)
+                    return value
+                finally:
+                    show_open_figures()
 
         else:
 
             def body() -> Any:
                 try:
-                    value = cell.run(namespace)
-                except BaseException as exc:
-                    fail(exc)
-                    raise
-                write_result(job, shell, value, count)
-                return value
+                    try:
+                        value = cell.run(namespace)
+                    except BaseException as exc:
+                        fail(exc)
+                        raise
+                    write_result(job, shell, value, count)
+                    return value
+                finally:
+                    show_open_figures()  # as the inline backend does when a cell ends
 
         self.attach(job)
         try:
