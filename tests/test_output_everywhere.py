@@ -132,3 +132,47 @@ def test_a_jobs_figures_show_in_its_cell_only(session: KernelSession) -> None:
     assert _images(session, shown) == 1  # at its plt.show()
     assert _images(session, left_open) == 1  # when it ended, as a foreground cell's
     assert session.eval("len(plt.get_fignums())") == 0
+
+
+def _html(session: KernelSession, msg_id: str) -> str:
+    return "".join(
+        m["content"]["data"].get("text/html", "")
+        for m in session.outputs(msg_id)
+        if m["msg_type"] in ("display_data", "update_display_data")
+    )
+
+
+def test_rich_in_a_job_renders_as_in_a_foreground_cell(session: KernelSession) -> None:
+    session.run(GATE)
+    # The job is the first to use rich, while the foreground is idle.
+    job_print = session.execute("%%bg\nimport rich\nrich.print('[bold]job-rich[/bold]')")
+    session.wait_job_end(session.job_id(job_print))
+    fg_print = session.run("rich.print('[bold]fg-rich[/bold]')")["parent_header"]["msg_id"]
+    assert "job-rich" in _html(session, job_print) and "fg-rich" in _html(session, fg_print)
+    assert "\x1b[" not in session.text(job_print) + session.text(fg_print)
+
+    live = session.execute(
+        "%%bg\nfrom rich.progress import track\nfor i in track(range(3)):\n"
+        "    if i == 1:\n        job_ready.set()\n        gate.wait(30)\n    print('job-line', i)"
+    )
+    job = session.job_id(live)
+    fg = session.run("job_ready.wait(30)\nprint('fg-line')\ngate.set()")["parent_header"]["msg_id"]
+    session.wait_job_end(job)
+    # The foreground's print stays a plain line of its own cell, out of the job's display.
+    assert session.outputs(fg)[0]["content"] == {"name": "stdout", "text": "fg-line\n"}
+    assert "fg-line" not in str(session.job_messages(job))
+    # The live display (an ipywidgets Output) is in the job's cell and captures the job's cell.
+    widget_views = [
+        m
+        for m in session.outputs(live)
+        if m["msg_type"] == "display_data"
+        and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+    ]
+    assert len(widget_views) == 1
+    captures = {
+        m["content"]["data"]["state"]["msg_id"]
+        for m in session.messages
+        if m["msg_type"] == "comm_msg" and "msg_id" in m["content"]["data"].get("state", {})
+    }
+    assert captures <= {live, ""} and live in captures
+    assert all(f"job-line {i}" in _html(session, live) for i in range(3))

@@ -27,6 +27,7 @@ from polycell.job_table import JobTable, jobs
 from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
 from polycell.program_output import install_program_capture, remove_program_capture
+from polycell.rich_output import RichSupport
 from polycell.routing import OutputRouter, write_error, write_result
 
 __all__ = ["Polycell", "cell_execution_count", "load_ipython_extension", "unload_ipython_extension"]
@@ -64,6 +65,7 @@ class Polycell:
         self.control = ControlHandler(table)
         self.store: JournalStore | None = None
         self.waker = InterruptWaker()
+        self.rich = RichSupport(shell)
 
     def start(self) -> None:
         from polycell.magics import PolycellMagics
@@ -71,6 +73,7 @@ class Polycell:
         self.router.install()
         install_program_capture()  # subprocess and os.system output of a job to its cell
         install_job_figures()  # a job's matplotlib figures in its cell only
+        self.rich.install()  # rich renders in a job as in a foreground cell
         self.waker.install()  # a ■ another thread took still wakes the main thread
         self.shell.register_magics(PolycellMagics(self.shell, self))
         self.shell.user_ns["jobs"] = self.jobs
@@ -99,6 +102,7 @@ class Polycell:
         self.router.uninstall()
         remove_program_capture()
         remove_job_figures()
+        self.rich.uninstall()
         self.waker.uninstall()
         if self.store is not None:
             self.jobs.remove_new_job_listener(self.store.track)
