@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from kernel_session import KernelSession, kernel_env
+from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env
 from leak_check import RESIDENTS, leftovers
 
 # A shell starts a background command (``pytest &``, a CI step run that way)
@@ -37,6 +37,19 @@ cluster.close()
 def kernel() -> Iterator[KernelSession]:
     """A stock ipykernel with ``%load_ext polycell`` already run."""
     session = KernelSession()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@pytest.fixture(params=["extension", "kernel"])
+def any_kernel(request: pytest.FixtureRequest) -> Iterator[KernelSession]:
+    """Each test twice: a stock ipykernel with ``%load_ext polycell``, and the polycell kernel."""
+    if request.param == "extension":
+        session = KernelSession()
+    else:
+        session = KernelSession(POLYCELL_KERNEL, load_ext=False)
     try:
         yield session
     finally:

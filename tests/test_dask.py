@@ -360,6 +360,21 @@ def test_map_spreads_over_the_cluster_workers(dask_kernel):
     assert "40/40" in kernel.text(msg_id, "stderr")
 
 
+def test_map_on_dask_reads_a_generator_lazily(dask_kernel):
+    kernel = dask_kernel
+    kernel.run(
+        "import threading\ngate = threading.Event()\n"
+        "def items():\n    yield 0\n    gate.wait(30)\n    yield from range(1, 30)"
+    )
+    msg_id = kernel.execute("j = jobs.map(abs, items(), mode='dask', chunksize=3)")
+    assert kernel.reply(msg_id, timeout=20)["content"]["status"] == "ok"  # returned with the gate shut
+    job = kernel.job_id(msg_id)
+    kernel.run("gate.set()")
+    kernel.wait_job_end(job, timeout=60)
+    assert kernel.eval("j.result == list(range(30))") is True
+    assert "30/30" in kernel.text(msg_id, "stderr").rpartition("\r")[2]
+
+
 def test_map_on_dask_reports_the_failing_item(dask_kernel):
     kernel = dask_kernel
     kernel.run("def inv(x):\n    return 1 / (x - 9)")

@@ -8,36 +8,23 @@ parent msg_id.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 
-from kernel_session import POLYCELL_KERNEL, KernelSession
+from kernel_session import KernelSession
 
 #: A job waits on this event, which a foreground cell sets, so that the two overlap.
 GATE = "import threading\ngate = threading.Event()\njob_ready = threading.Event()"
 
 
-@pytest.fixture(params=["extension", "kernel"])
-def session(request: pytest.FixtureRequest) -> Iterator[KernelSession]:
-    if request.param == "extension":
-        s = KernelSession()
-    else:
-        s = KernelSession(POLYCELL_KERNEL, load_ext=False)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def _streams(session: KernelSession, msg_id: str) -> str:
-    return "".join(m["content"]["text"] for m in session.outputs(msg_id) if m["msg_type"] == "stream")
+def _streams(kernel: KernelSession, msg_id: str) -> str:
+    return "".join(m["content"]["text"] for m in kernel.outputs(msg_id) if m["msg_type"] == "stream")
 
 
 @pytest.mark.parametrize("mode", ["thread", "task"])
-def test_programs_a_job_starts_write_to_its_cell(session: KernelSession, mode: str) -> None:
-    session.run(GATE)
-    bg = session.execute(
+def test_programs_a_job_starts_write_to_its_cell(any_kernel: KernelSession, mode: str) -> None:
+    any_kernel.run(GATE)
+    bg = any_kernel.execute(
         f"%%bg --mode {mode}\n"
         "import os, subprocess, sys\n"
         "job_ready.set()\n"
@@ -49,30 +36,30 @@ def test_programs_a_job_starts_write_to_its_cell(session: KernelSession, mode: s
         "print(subprocess.run(['echo', 'CAPTURED'], capture_output=True, text=True).stdout.strip() + '!')\n"
         "print(os.system('exit 3') >> 8)"
     )
-    job = session.job_id(bg)
+    job = any_kernel.job_id(bg)
     # The foreground prints and runs its own program while the job's programs write.
-    fg = session.execute(
+    fg = any_kernel.execute(
         "import subprocess, time\njob_ready.wait(30)\nprint('fg-before')\ngate.set()\n"
         "subprocess.run(['echo', 'FG-SUBPROC'])\ntime.sleep(0.5)\nprint('fg-after')"
     )
-    session.wait_idle(fg)
-    session.wait_job_end(job)
-    assert session.text(bg, "stdout") == "SUBPROC-LINE\nOS-SYSTEM-LINE\npy-line\nCAPTURED!\n3\n"
-    assert session.text(bg, "stderr") == "OS-SYSTEM-ERR\nPOPEN-ERR\n"
-    foreground = _streams(session, fg)
+    any_kernel.wait_idle(fg)
+    any_kernel.wait_job_end(job)
+    assert any_kernel.text(bg, "stdout") == "SUBPROC-LINE\nOS-SYSTEM-LINE\npy-line\nCAPTURED!\n3\n"
+    assert any_kernel.text(bg, "stderr") == "OS-SYSTEM-ERR\nPOPEN-ERR\n"
+    foreground = _streams(any_kernel, fg)
     for line in ("SUBPROC-LINE", "OS-SYSTEM", "POPEN-ERR"):
         assert line not in foreground
     assert "fg-before" in foreground and "fg-after" in foreground
 
 
-def test_programs_outside_jobs_are_untouched(session: KernelSession) -> None:
-    reply = session.run(
+def test_programs_outside_jobs_are_untouched(any_kernel: KernelSession) -> None:
+    reply = any_kernel.run(
         "import os, subprocess\n"
         "r = subprocess.run(['sh', '-c', 'exit 5'])\n"
         "status = os.system('exit 2')\n"
         "print(r.returncode, status >> 8, type(subprocess.Popen).__name__)"
     )
-    assert session.text(reply["parent_header"]["msg_id"]).endswith("5 2 type\n")
+    assert any_kernel.text(reply["parent_header"]["msg_id"]).endswith("5 2 type\n")
 
 
 def _main_thread_in_sleep_watcher() -> str:
@@ -89,90 +76,92 @@ def _main_thread_in_sleep_watcher() -> str:
     )
 
 
-def test_an_interrupted_foreground_sleep_shows_the_users_traceback(session: KernelSession) -> None:
+def test_an_interrupted_foreground_sleep_shows_the_users_traceback(any_kernel: KernelSession) -> None:
     """After thread jobs ran (time.sleep is polycell's stand-in), a ■ in a foreground sleep
     shows the traceback it shows without polycell: the cell's line, no polycell frame."""
-    watcher = session.execute(_main_thread_in_sleep_watcher())
-    job = session.job_id(watcher)
-    fg = session.execute("import time\ntime.sleep(300)")
-    session.wait_job_end(job)
-    assert session.text(watcher) == "main sleeps\n"
-    session.km.interrupt_kernel()
-    reply = session.reply(fg, timeout=30)
+    watcher = any_kernel.execute(_main_thread_in_sleep_watcher())
+    job = any_kernel.job_id(watcher)
+    fg = any_kernel.execute("import time\ntime.sleep(300)")
+    any_kernel.wait_job_end(job)
+    assert any_kernel.text(watcher) == "main sleeps\n"
+    any_kernel.km.interrupt_kernel()
+    reply = any_kernel.reply(fg, timeout=30)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply["content"]["traceback"]))
     assert "polycell" not in traceback and "time.sleep(300)" in traceback
-    assert session.eval("time.sleep.__module__, repr(time.sleep)") == ("time", "<built-in function sleep>")
+    assert any_kernel.eval("time.sleep.__module__, repr(time.sleep)") == ("time", "<built-in function sleep>")
 
 
-def _images(session: KernelSession, msg_id: str) -> int:
+def _images(kernel: KernelSession, msg_id: str) -> int:
     return sum(
         1
-        for m in session.outputs(msg_id)
+        for m in kernel.outputs(msg_id)
         if m["msg_type"] in ("display_data", "execute_result") and "image/png" in m["content"]["data"]
     )
 
 
-def test_a_jobs_figures_show_in_its_cell_only(session: KernelSession) -> None:
-    session.run(GATE + "\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')")
-    shown = session.execute(
+def test_a_jobs_figures_show_in_its_cell_only(any_kernel: KernelSession) -> None:
+    any_kernel.run(GATE + "\nimport matplotlib\nmatplotlib.use('module://matplotlib_inline.backend_inline')")
+    shown = any_kernel.execute(
         "%%bg\nimport matplotlib.pyplot as plt\nplt.plot([3, 2, 1])\n"
         "job_ready.set()\ngate.wait(30)\nplt.show()"
     )
-    left_open = session.execute("%%bg\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\ngate.wait(30)")
-    jobs = [session.job_id(shown), session.job_id(left_open)]
+    left_open = any_kernel.execute(
+        "%%bg\nimport matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\ngate.wait(30)"
+    )
+    jobs = [any_kernel.job_id(shown), any_kernel.job_id(left_open)]
     # A foreground cell ends, and draws a figure of its own, while both jobs hold theirs open.
-    fg = session.run("job_ready.wait(30)\nx = 1")["parent_header"]["msg_id"]
-    fg_plot = session.run("import matplotlib.pyplot as plt\nplt.plot([5, 5])")["parent_header"]["msg_id"]
-    session.run("gate.set()")
+    fg = any_kernel.run("job_ready.wait(30)\nx = 1")["parent_header"]["msg_id"]
+    fg_plot = any_kernel.run("import matplotlib.pyplot as plt\nplt.plot([5, 5])")["parent_header"]["msg_id"]
+    any_kernel.run("gate.set()")
     for job in jobs:
-        session.wait_job_end(job)
-    assert _images(session, fg) == 0
-    assert _images(session, fg_plot) == 1
-    assert _images(session, shown) == 1  # at its plt.show()
-    assert _images(session, left_open) == 1  # when it ended, as a foreground cell's
-    assert session.eval("len(plt.get_fignums())") == 0
+        any_kernel.wait_job_end(job)
+    assert _images(any_kernel, fg) == 0
+    assert _images(any_kernel, fg_plot) == 1
+    assert _images(any_kernel, shown) == 1  # at its plt.show()
+    assert _images(any_kernel, left_open) == 1  # when it ended, as a foreground cell's
+    assert any_kernel.eval("len(plt.get_fignums())") == 0
 
 
-def _html(session: KernelSession, msg_id: str) -> str:
+def _html(kernel: KernelSession, msg_id: str) -> str:
     return "".join(
         m["content"]["data"].get("text/html", "")
-        for m in session.outputs(msg_id)
+        for m in kernel.outputs(msg_id)
         if m["msg_type"] in ("display_data", "update_display_data")
     )
 
 
-def test_rich_in_a_job_renders_as_in_a_foreground_cell(session: KernelSession) -> None:
-    session.run(GATE)
+def test_rich_in_a_job_renders_as_in_a_foreground_cell(any_kernel: KernelSession) -> None:
+    any_kernel.run(GATE)
     # The job is the first to use rich, while the foreground is idle.
-    job_print = session.execute("%%bg\nimport rich\nrich.print('[bold]job-rich[/bold]')")
-    session.wait_job_end(session.job_id(job_print))
-    fg_print = session.run("rich.print('[bold]fg-rich[/bold]')")["parent_header"]["msg_id"]
-    assert "job-rich" in _html(session, job_print) and "fg-rich" in _html(session, fg_print)
-    assert "\x1b[" not in session.text(job_print) + session.text(fg_print)
+    job_print = any_kernel.execute("%%bg\nimport rich\nrich.print('[bold]job-rich[/bold]')")
+    any_kernel.wait_job_end(any_kernel.job_id(job_print))
+    fg_print = any_kernel.run("rich.print('[bold]fg-rich[/bold]')")["parent_header"]["msg_id"]
+    assert "job-rich" in _html(any_kernel, job_print) and "fg-rich" in _html(any_kernel, fg_print)
+    assert "\x1b[" not in any_kernel.text(job_print) + any_kernel.text(fg_print)
 
-    live = session.execute(
+    live = any_kernel.execute(
         "%%bg\nfrom rich.progress import track\nfor i in track(range(3)):\n"
         "    if i == 1:\n        job_ready.set()\n        gate.wait(30)\n    print('job-line', i)"
     )
-    job = session.job_id(live)
-    fg = session.run("job_ready.wait(30)\nprint('fg-line')\ngate.set()")["parent_header"]["msg_id"]
-    session.wait_job_end(job)
+    job = any_kernel.job_id(live)
+    fg = any_kernel.run("job_ready.wait(30)\nprint('fg-line')\ngate.set()")["parent_header"]["msg_id"]
+    any_kernel.wait_job_end(job)
     # The foreground's print stays a plain line of its own cell, out of the job's display.
-    assert session.outputs(fg)[0]["content"] == {"name": "stdout", "text": "fg-line\n"}
-    assert "fg-line" not in str(session.job_messages(job))
+    assert any_kernel.outputs(fg)[0]["content"] == {"name": "stdout", "text": "fg-line\n"}
+    assert "fg-line" not in str(any_kernel.job_messages(job))
     # The live display (an ipywidgets Output) is in the job's cell and captures the job's cell.
     widget_views = [
         m
-        for m in session.outputs(live)
+        for m in any_kernel.outputs(live)
         if m["msg_type"] == "display_data"
         and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
     ]
     assert len(widget_views) == 1
     captures = {
         m["content"]["data"]["state"]["msg_id"]
-        for m in session.messages
+        for m in any_kernel.messages
         if m["msg_type"] == "comm_msg" and "msg_id" in m["content"]["data"].get("state", {})
     }
     assert captures <= {live, ""} and live in captures
-    assert all(f"job-line {i}" in _html(session, live) for i in range(3))
+    assert all(f"job-line {i}" in _html(any_kernel, live) for i in range(3))

@@ -288,3 +288,60 @@ def test_map_workers_die_with_a_sigkilled_kernel():
         for pid in pids:
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+LAZY_MODES = ["process", "thread"]
+
+
+@pytest.mark.parametrize("mode", LAZY_MODES)
+def test_a_generator_is_read_lazily_and_the_map_returns_at_once(any_kernel, mode):
+    """The generator blocks after its first item until the foreground, free again, opens the gate."""
+    any_kernel.run(
+        "import threading\ngate = threading.Event()\n"
+        "def items():\n    yield 0\n    gate.wait(30)\n    yield from range(1, 25)\n"
+        "def work(x):\n    return x * 10"
+    )
+    msg_id = any_kernel.execute(f"j = jobs.map(work, items(), workers=2, mode={mode!r})")
+    assert any_kernel.reply(msg_id, timeout=20)["content"]["status"] == "ok"
+    job = any_kernel.job_id(msg_id)
+    assert any_kernel.eval("j.status.value") == "running"
+    any_kernel.run("gate.set()")
+    any_kernel.wait_job_end(job)
+    assert any_kernel.eval("(j.status.value, j.result == [x * 10 for x in range(25)])") == ("done", True)
+    bar = _job_stream(any_kernel, msg_id, job, "stderr")
+    assert "25/25" in bar.rpartition("\r")[2]  # the total, once the input ended
+
+
+@pytest.mark.parametrize("mode", LAZY_MODES)
+def test_an_endless_iterator_runs_until_killed(any_kernel, mode):
+    any_kernel.run("import itertools\nendless = itertools.count()")
+    msg_id = any_kernel.execute(f"j = jobs.map(abs, endless, workers=2, mode={mode!r}, chunksize=50)")
+    assert any_kernel.reply(msg_id, timeout=20)["content"]["status"] == "ok"
+    job = any_kernel.job_id(msg_id)
+    any_kernel.wait_for(lambda m: "item" in _job_stream(any_kernel, msg_id, job, "stderr"))
+    any_kernel.run(f"%job kill {job}")
+    any_kernel.wait_job_end(job)
+    assert any_kernel.eval("j.status.value") == "killed"
+
+
+@pytest.mark.parametrize("mode", LAZY_MODES)
+def test_an_input_that_raises_fails_the_map_at_that_item(any_kernel, mode):
+    any_kernel.run("def items():\n    yield from range(3)\n    raise ValueError('no more')")
+    msg_id = any_kernel.execute(f"j = jobs.map(abs, items(), mode={mode!r})")
+    job = any_kernel.job_id(msg_id)
+    any_kernel.wait_job_end(job)
+    errors = [m for m in any_kernel.outputs(msg_id) if m["msg_type"] == "error"]
+    assert len(errors) == 1
+    lines = errors[0]["content"]["traceback"]
+    assert lines[-1] == "item 3 failed: ValueError: no more"
+    assert "polycell" not in "".join(lines) and "raise ValueError('no more')" in "".join(lines)
+
+
+def test_lazy_items_that_cannot_reach_a_process_worker_are_one_line(any_kernel):
+    any_kernel.run("import threading")
+    msg_id = any_kernel.execute("j = jobs.map(id, (threading.Lock() for _ in range(3)), mode='process')")
+    job = any_kernel.job_id(msg_id)
+    any_kernel.wait_job_end(job)
+    errors = [m for m in any_kernel.outputs(msg_id) if m["msg_type"] == "error"]
+    assert [e["content"]["traceback"][-1].split(": it")[0] for e in errors] == ["item 0 failed: TypeError"]
+    assert any_kernel.eval("j.status.value") == "failed"

@@ -2,12 +2,14 @@
 
 ``jobs.map(func, items)`` returns at once with a `Job` whose result is
 ``[func(x) for x in items]``, in input order. Items go to the workers in
-chunks (a range of indices at a time), so 100,000 tiny items cost a few dozen
-round trips, not 100,000. Three backends do the work:
+chunks (`polycell.map_items`), so 100,000 tiny items cost a few dozen
+round trips, not 100,000; an iterable with no length (a generator) is read
+lazily, chunk by chunk, as workers become free. Three backends do the work:
 
-* ``process``: workers forked from the kernel, so ``func`` and the items are
+* ``process``: workers forked from the kernel, so ``func`` and a sized input are
   inherited copy-on-write and never pickled on the way in (a ``func`` defined
-  in the notebook needs no importable module); only results travel back. Each
+  in the notebook needs no importable module); only results travel back, and
+  the chunks of a lazy input. Each
   worker is made exactly like a process job (`polycell.process.Forker`): its
   own process group (a kernel interrupt never reaches it, a kill takes it and
   its children down with SIGKILL), the parent-death signal, fds 1 and 2 piped
@@ -18,7 +20,8 @@ round trips, not 100,000. Three backends do the work:
 
 The progress bar is tqdm's console bar written to the job's stderr stream, so
 it is journaled and replayed like any output; front ends draw ``\\r`` updates
-in place. The first item that raises fails the whole map with
+in place. For a lazy input it counts items until the input ends, then shows the
+full bar. The first item that raises fails the whole map with
 `MapItemError` ("item 17 failed: ValueError: ...", its traceback starting at
 ``func``) and stops the other workers; a failure that is no item's (a worker
 killed from outside) is one line (`MapWorkerDied`).
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import math
 import os
 import pickle
 import queue
@@ -38,7 +40,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
@@ -47,6 +49,7 @@ from polycell import process
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobError, JobKilled, Runner, current_job
 from polycell.journal import Record
+from polycell.map_items import Chunk, ChunkFeed
 from polycell.process import (
     ForkedChild,
     Forker,
@@ -63,14 +66,10 @@ __all__ = [
     "MapRunner",
     "MapSpec",
     "MapWorkerDied",
-    "default_chunksize",
     "make_spec",
 ]
 
 MAP_BACKENDS = ("process", "thread", "dask")
-#: Chunks per worker the default chunk size aims for: enough for load balancing
-#: and a moving progress bar, few enough that per-chunk overhead stays invisible.
-CHUNKS_PER_WORKER = 16
 #: Chunks a process worker holds at once: the one it runs and the next.
 _CHUNKS_AHEAD = 2
 #: How long workers told to stop may take to exit (and send their last output) before a kill.
@@ -98,23 +97,11 @@ class MapSpec:
     """What a map job is asked to do."""
 
     func: Callable[[Any], Any]
-    items: list[Any]
+    feed: ChunkFeed
     backend: str
     workers: int
-    chunksize: int
     #: For the dask backend: gives the connected `distributed.Client`.
     dask_client: Callable[[], Any] | None = None
-    chunks: list[tuple[int, int]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        total = len(self.items)
-        self.chunks = [
-            (start, min(start + self.chunksize, total)) for start in range(0, total, self.chunksize)
-        ]
-
-
-def default_chunksize(total: int, workers: int) -> int:
-    return max(1, math.ceil(total / (workers * CHUNKS_PER_WORKER)))
 
 
 def cpu_count() -> int:
@@ -134,7 +121,11 @@ def make_spec(
     chunksize: int | None,
     dask_client: Callable[[], Any] | None = None,
 ) -> MapSpec:
-    """Check the arguments of ``jobs.map`` and gather the items; JobError on bad input."""
+    """Check the arguments of ``jobs.map``; JobError on bad input.
+
+    A sized input is copied now; any other is only asked for its iterator, which
+    the map's coordinator reads as it goes.
+    """
     if mode not in MAP_BACKENDS:
         raise JobError(f"jobs.map: unknown mode {mode!r}: choose one of {', '.join(MAP_BACKENDS)}")
     if not callable(func):
@@ -145,18 +136,16 @@ def make_spec(
         )
     if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
         raise JobError(f"jobs.map: chunksize must be a whole number >= 1, got {chunksize!r}")
-    try:
-        items = list(iterable)
-    except TypeError as exc:
-        raise JobError(f"jobs.map: the items must be iterable: {exc}") from None
     if workers is None:
         if mode == "dask" and dask_client is not None:
             workers = max(1, sum(dask_client().nthreads().values()))
         else:
             workers = cpu_count()
-    return MapSpec(
-        func, items, mode, workers, chunksize or default_chunksize(len(items), workers), dask_client
-    )
+    try:
+        feed = ChunkFeed(iterable, workers=workers, chunksize=chunksize)
+    except TypeError as exc:
+        raise JobError(f"jobs.map: the items must be iterable: {exc}") from None
+    return MapSpec(func, feed, mode, workers, dask_client)
 
 
 class _JournalFile:
@@ -180,7 +169,7 @@ class _Bar(tqdm):  # type: ignore[type-arg]
     monitor_interval = 0
 
 
-def _progress(job: Job, total: int) -> tqdm:  # type: ignore[type-arg]
+def _progress(job: Job, total: int | None) -> tqdm:  # type: ignore[type-arg]
     return _Bar(
         total=total,
         file=_JournalFile(job),
@@ -204,6 +193,7 @@ class MapRunner(Runner):
         self._backends: dict[int, _Backend] = {}
         self._threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
+        install_interruptible_sleep()  # a kill wakes a lazy input's sleep, in the coordinator too
 
     def submit(self, job: Job, body: MapSpec) -> Job:
         process.check_not_in_child()
@@ -226,12 +216,19 @@ class MapRunner(Runner):
         try:
             if not job._set_running():
                 return
-            results: list[Any] = [None] * len(spec.items)
-            bar = _progress(job, len(spec.items))
+            feed = spec.feed
+            results: list[Any] = [None] * (feed.total or 0)
+            bar = _progress(job, feed.total)  # a lazy input's total: unknown until it ends
             try:
                 for start, values in backend.run():
-                    results[start : start + len(values)] = values
+                    end = start + len(values)
+                    if end > len(results):
+                        results.extend([None] * (end - len(results)))
+                    results[start:end] = values
                     bar.update(len(values))
+                if feed.lazy:
+                    bar.total = len(results)
+                    bar.refresh()
             finally:
                 bar.close()
         except JobKilled as exc:
@@ -270,6 +267,7 @@ class MapRunner(Runner):
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        remove_interruptible_sleep()
 
 
 def _error_record(exc: BaseException) -> Record:
@@ -303,12 +301,28 @@ class _Backend:
         self.job = job
         self.spec = spec
         self.stopped = threading.Event()
+        self._reading = KillSwitch()
 
     def run(self) -> Iterator[tuple[int, list[Any]]]:
         raise NotImplementedError
 
+    def take(self) -> Chunk | None:
+        """The next chunk, for the coordinator: reading a lazy input runs the user's code,
+        which a kill stops, and whose failure fails the map at the item it could not read."""
+        feed = self.spec.feed
+        if not feed.lazy:
+            return feed.take()
+        try:
+            with self._reading.armed():
+                return feed.take()
+        except JobKilled:
+            raise JobKilled(f"job {self.job.id} was killed") from None
+        except Exception as exc:
+            raise _format_item_error(feed.position, exc) from exc
+
     def stop(self) -> None:
         self.stopped.set()
+        self._reading.pull()
 
     def close(self) -> None:
         pass
@@ -342,21 +356,21 @@ class _ThreadBackend(_Backend):
     def __init__(self, job: Job, spec: MapSpec) -> None:
         super().__init__(job, spec)
         install_interruptible_sleep()
-        self._todo: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-        for chunk in spec.chunks:
-            self._todo.put(chunk)
+        self._todo: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._workers: list[tuple[threading.Thread, KillSwitch]] = []
         self._workers_lock = threading.Lock()
 
     def run(self) -> Iterator[tuple[int, list[Any]]]:
-        import contextvars
-
-        for n in range(min(self.spec.workers, len(self.spec.chunks))):
-            context = contextvars.copy_context()
+        feed = self.spec.feed
+        count = self.spec.workers
+        if not feed.lazy:
+            assert feed.total is not None and feed.chunksize is not None
+            count = min(count, -(-feed.total // feed.chunksize))
+        for n in range(count):
             switch = KillSwitch()
             thread = BackgroundThread(
-                target=context.run,
+                target=contextvars.copy_context().run,
                 args=(self._work, switch),
                 name=f"polycell-map-{self.job.id}-{n}",
                 daemon=True,
@@ -364,36 +378,50 @@ class _ThreadBackend(_Backend):
             with self._workers_lock:
                 self._workers.append((thread, switch))
             thread.start()
-        remaining = len(self.spec.chunks)
-        while remaining:
-            item = self._done.get()
+        # Two chunks queued per worker at most: a lazy input is read as the workers go.
+        outstanding, all_queued = 0, count == 0
+        while outstanding or not all_queued:
+            reading = not all_queued and outstanding < 2 * count
+            if reading:
+                chunk = self.take()
+                if chunk is None:
+                    all_queued = True
+                    for _ in range(count):
+                        self._todo.put(None)
+                else:
+                    self._todo.put(chunk)
+                    outstanding += 1
+            try:  # between reads, take what finished without waiting for it
+                item = self._done.get(block=not reading)
+            except queue.Empty:
+                continue
             if item is None:  # stop() woke us
                 raise JobKilled(f"job {self.job.id} was killed")
             if isinstance(item, MapItemError):
                 raise item
-            remaining -= 1
+            outstanding -= 1
             yield item
 
     def _work(self, switch: KillSwitch) -> None:
-        func, items = self.spec.func, self.spec.items
+        func = self.spec.func
         while not self.stopped.is_set():
-            try:
-                start, stop = self._todo.get_nowait()
-            except queue.Empty:
+            chunk = self._todo.get()
+            if chunk is None:
                 return
+            values = self.spec.feed.values(chunk)
             results = []
-            index = start
+            index = chunk.start
             try:
                 with switch.armed():
-                    for index in range(start, stop):
-                        results.append(func(items[index]))
+                    for index, item in enumerate(values, chunk.start):  # noqa: B007 - read by the except
+                        results.append(func(item))
             except JobKilled:
                 return
             except BaseException as exc:  # noqa: BLE001 - reported as the map's failure
                 if not self.stopped.is_set():
                     self._done.put(_format_item_error(index, exc))
                 return
-            self._done.put((start, results))
+            self._done.put((chunk.start, results))
 
     def _pull_all(self) -> list[tuple[threading.Thread, KillSwitch]]:
         with self._workers_lock:
@@ -410,7 +438,10 @@ class _ThreadBackend(_Backend):
 
     def close(self) -> None:
         self.stopped.set()
-        for thread, _switch in self._pull_all():
+        workers = self._pull_all()
+        for _ in workers:
+            self._todo.put(None)  # wakes a worker waiting for a chunk
+        for thread, _switch in workers:
             thread.join(2.0)
         remove_interruptible_sleep()
 
@@ -428,14 +459,18 @@ def _dumps(value: Any) -> bytes:
 
 
 def _worker_main(
-    context: contextvars.Context, func: Callable[[Any], Any], items: list[Any], pipe: Any, tasks: int | None
+    context: contextvars.Context,
+    func: Callable[[Any], Any],
+    items: list[Any] | None,
+    pipe: Any,
+    tasks: int | None,
 ) -> None:
     """The body of a forked worker (set up by `polycell.process.Forker`): run the chunks it is sent."""
     assert tasks is not None
     context.run(_worker_loop, func, items, pipe, tasks)
 
 
-def _worker_loop(func: Callable[[Any], Any], items: list[Any], pipe: Any, tasks: int) -> None:
+def _worker_loop(func: Callable[[Any], Any], items: list[Any] | None, pipe: Any, tasks: int) -> None:
     job = current_job.get()
     if job is not None:
         # The fork copied the kernel's routing: `print` and `display` in this
@@ -446,12 +481,14 @@ def _worker_loop(func: Callable[[Any], Any], items: list[Any], pipe: Any, tasks:
         if task is None:  # told to stop, or the kernel is gone
             pipe.close()
             return
-        start, stop = task
+        # (start, stop): items of the input this fork holds; a lazy input's chunk comes pickled.
+        start, stop = task[0], task[1]
+        values = pickle.loads(task[2]) if len(task) > 2 else items[start:stop]  # type: ignore[index]
         results = []
         index = start
         try:
-            for index in range(start, stop):
-                results.append(func(items[index]))
+            for index, item in enumerate(values, start):  # noqa: B007 - read by the except
+                results.append(func(item))
             payload = _dumps(results)
         except BaseException as exc:  # noqa: BLE001 - sent to the kernel as the map's failure
             if len(results) == stop - start:  # every item ran: the results would not pickle
@@ -493,7 +530,7 @@ class _Worker:
         self.pidfd = child.open_pidfd()
         self.done = False
 
-    def send(self, task: tuple[int, int] | None) -> None:
+    def send(self, task: tuple[Any, ...] | None) -> None:
         if task is None:
             self.released = True
         else:
@@ -518,12 +555,16 @@ class _ProcessBackend(_Backend):
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         self._forker: Forker | None = None
+        #: Every chunk has gone to a worker.
+        self._all_sent = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
 
     def _start_worker(self, number: int) -> _Worker:
         assert self._forker is not None
-        main = functools.partial(_worker_main, contextvars.copy_context(), self.spec.func, self.spec.items)
+        main = functools.partial(
+            _worker_main, contextvars.copy_context(), self.spec.func, self.spec.feed.items
+        )
         child = self._forker.fork(self.job, main, what="a map worker", tasks=True)
         worker = _Worker(number, child)
         with self._lock:
@@ -537,24 +578,45 @@ class _ProcessBackend(_Backend):
             self._selector.register(worker.pidfd, selectors.EVENT_READ, (worker, "exit"))
         return worker
 
+    def _next_task(self) -> tuple[Any, ...] | None:
+        """The next chunk as a worker's task; None once all are sent."""
+        chunk = None if self._all_sent else self.take()
+        if chunk is None:
+            self._all_sent = True
+            return None
+        if chunk.items is None:
+            return (chunk.start, chunk.stop)
+        try:
+            return (chunk.start, chunk.stop, _dumps(chunk.items))
+        except Exception as exc:  # noqa: BLE001 - a lock, an open file: one line, at its index
+            index = _first_unpicklable(chunk.items, chunk.start)
+            raise MapItemError(index, type(exc).__name__, f"it cannot be sent to a worker: {exc}") from None
+
+    def _pending(self) -> bool:
+        return not self._all_sent or any(w.outstanding for w in self._workers)
+
     def run(self) -> Iterator[tuple[int, list[Any]]]:
         self._forker = acquire_forker()
-        todo = list(reversed(self.spec.chunks))
-        for number in range(min(self.spec.workers, len(todo))):
+        for number in range(self.spec.workers):
             if self.stopped.is_set():
                 raise JobKilled(f"job {self.job.id} was killed")
-            self._start_worker(number).send(todo.pop())
+            task = self._next_task()
+            if task is None:
+                break
+            self._start_worker(number).send(task)
         # Then one chunk ahead each: a worker starts its next chunk as soon as it
         # sends a result, instead of idling while the kernel wakes up to answer.
-        for _ in range(_CHUNKS_AHEAD - 1):
-            for worker in self._workers:
-                if todo:
-                    worker.send(todo.pop())
+        # Not for a lazy input: its chunks travel in the pipe, and a worker busy
+        # with one could not take a large next one while the kernel writes it.
+        if not self.spec.feed.lazy:
+            for _ in range(_CHUNKS_AHEAD - 1):
+                for worker in self._workers:
+                    if (task := self._next_task()) is not None:
+                        worker.send(task)
         self.job.info["pids"] = ",".join(str(w.child.pid) for w in self._workers)
-        remaining = len(self.spec.chunks)
         ending_by: float | None = None
-        while remaining or not all(w.done for w in self._workers):
-            if not remaining:
+        while self._pending() or not all(w.done for w in self._workers):
+            if not self._pending():
                 # Every chunk is in: the workers were told to stop; take their last
                 # output (fds 1 and 2 may lag behind the last result) as they exit.
                 ending_by = ending_by or time.monotonic() + _EXIT_SECONDS
@@ -571,20 +633,29 @@ class _ProcessBackend(_Backend):
             for key, _ in events:
                 if key.data is not None and key.data[1] != "exit":
                     worker, name = key.data
-                    for start, values in self._take(worker, name, todo):
-                        remaining -= 1
-                        yield start, values
+                    yield from self._take(worker, name)
             for worker in exits:
                 if worker.done:
                     continue
                 for name in ("records", "stdout", "stderr"):
                     if worker.child.fds[name] in self._selector.get_map():
-                        for start, values in self._take(worker, name, todo):
-                            remaining -= 1
-                            yield start, values
+                        yield from self._take(worker, name)
                 self._ended(worker)
 
-    def _take(self, worker: _Worker, name: str, todo: list[tuple[int, int]]) -> list[tuple[int, list[Any]]]:
+    def _feed(self, worker: _Worker) -> None:
+        """A worker sent a result: give it its next chunk, or tell it to exit."""
+        feed = self.spec.feed
+        # Near the end, no chunk ahead: a chunk queued behind a busy worker would leave another idle.
+        ahead = not feed.lazy and feed.chunks_left() > len(self._workers)
+        if not worker.outstanding or ahead:
+            task = self._next_task()
+            if task is not None:
+                worker.send(task)
+                return
+        if not worker.outstanding:
+            worker.send(None)  # this worker exits: its end is not a death
+
+    def _take(self, worker: _Worker, name: str) -> list[tuple[int, list[Any]]]:
         """What the worker's `name` pipe holds now: output into the journal, chunk results out."""
         messages, still_open = worker.child.read(name)
         if not still_open:
@@ -602,12 +673,7 @@ class _ProcessBackend(_Backend):
                 raise error
             _, start, payload = message
             worker.outstanding -= 1
-            # Near the end, no chunk ahead: a chunk queued behind a busy worker
-            # would leave another idle.
-            if todo and (not worker.outstanding or len(todo) > len(self._workers)):
-                worker.send(todo.pop())
-            elif not worker.outstanding:
-                worker.send(None)  # this worker exits: its end is not a death
+            self._feed(worker)
             try:
                 values = pickle.loads(payload)
             except Exception as exc:  # noqa: BLE001 - one line, not polycell's traceback
@@ -666,24 +732,21 @@ class _DaskBackend(_Backend):
         super().__init__(job, spec)
         assert spec.dask_client is not None
         self.client = spec.dask_client()
-        self._futures: list[Any] = []
+        self._futures: set[Any] = set()
 
     def run(self) -> Iterator[tuple[int, list[Any]]]:
         from distributed import as_completed
 
-        from polycell.dask_worker import map_chunk
-
-        spec = self.spec
-        self._futures = [
-            self.client.submit(
-                map_chunk, spec.func, spec.items[a:b], a, pure=False, key=f"polycell-map-{self.job.id}-{a}"
-            )
-            for a, b in spec.chunks
-        ]
-        completed = as_completed(self._futures, loop=self.client.loop)
+        feed = self.spec.feed
+        completed = as_completed([], loop=self.client.loop)
+        # A sized input goes to the scheduler at once; a lazy one two chunks per worker ahead.
+        ahead = 2 * self.spec.workers if feed.lazy else None
+        while (ahead is None or len(self._futures) < ahead) and self._submit(completed):
+            pass
         for future in completed:
             if self.stopped.is_set():
                 raise JobKilled(f"job {self.job.id} was killed")
+            self._futures.discard(future)
             outcome = future.result()
             for record in outcome["records"]:
                 self.job.journal.append(record)
@@ -692,17 +755,38 @@ class _DaskBackend(_Backend):
                     outcome["index"], outcome["ename"], outcome["evalue"], outcome["traceback"]
                 )
                 raise error
+            if feed.lazy:
+                self._submit(completed)
             yield outcome["start"], outcome["results"]
+
+    def _submit(self, completed: Any) -> bool:
+        from polycell.dask_worker import map_chunk
+
+        chunk = self.take()
+        if chunk is None:
+            return False
+        items = self.spec.feed.values(chunk)
+        future = self.client.submit(
+            map_chunk,
+            self.spec.func,
+            items,
+            chunk.start,
+            pure=False,
+            key=f"polycell-map-{self.job.id}-{chunk.start}",
+        )
+        self._futures.add(future)
+        completed.add(future)
+        return True
 
     def stop(self) -> None:
         super().stop()
         if self._futures:
-            self.client.cancel(self._futures, force=True)
+            self.client.cancel(list(self._futures), force=True)
 
     def close(self) -> None:
         if self._futures:
-            self.client.cancel(self._futures, force=True)
-        self._futures = []
+            self.client.cancel(list(self._futures), force=True)
+        self._futures = set()
 
 
 _BACKENDS: dict[str, type[_Backend]] = {
