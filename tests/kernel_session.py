@@ -170,20 +170,25 @@ class KernelSession:
             timeout,
         )
 
-    def outputs(self, msg_id: str) -> list[Msg]:
-        """Output messages (no status, no execute_input) whose parent is `msg_id`."""
+    def outputs(self, msg_id: str, *, end_lines: bool = False) -> list[Msg]:
+        """Output messages (no status, no execute_input) whose parent is `msg_id`.
+
+        Without `end_lines`, not the line that tells a terminal how a job ended: this
+        client sends no cell id, so the kernel adds one after each job's last output.
+        """
         with self._cond:
             return [
                 m
                 for m in self.messages
                 if m["parent_header"].get("msg_id") == msg_id
                 and m["msg_type"] not in ("status", "execute_input")
+                and (end_lines or not m.get("metadata", {}).get("polycell", {}).get("end_line"))
             ]
 
-    def text(self, msg_id: str, name: str | None = None) -> str:
+    def text(self, msg_id: str, name: str | None = None, *, end_lines: bool = False) -> str:
         return "".join(
             m["content"]["text"]
-            for m in self.outputs(msg_id)
+            for m in self.outputs(msg_id, end_lines=end_lines)
             if m["msg_type"] == "stream" and (name is None or m["content"]["name"] == name)
         )
 

@@ -8,10 +8,13 @@ parent msg_id.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 
-from kernel_session import KernelSession
+from kernel_session import KernelSession, kernel_env
 
 #: A job waits on this event, which a foreground cell sets, so that the two overlap.
 GATE = "import threading\ngate = threading.Event()\njob_ready = threading.Event()"
@@ -165,3 +168,61 @@ def test_rich_in_a_job_renders_as_in_a_foreground_cell(any_kernel: KernelSession
     }
     assert captures <= {live, ""} and live in captures
     assert all(f"job-line {i}" in _html(any_kernel, live) for i in range(3))
+
+
+def _end_line_of(msg: dict[str, Any]) -> int | None:
+    mark = msg["metadata"].get("polycell", {})
+    return mark.get("job") if mark.get("end_line") else None
+
+
+def test_jupyter_console_learns_how_a_job_ended(any_kernel: KernelSession) -> None:
+    """The real jupyter console, which ignores display updates, on the kernel: one line per job end."""
+    console = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_console",
+            "--existing",
+            any_kernel.connection_file,
+            "--simple-prompt",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=kernel_env(),
+    )
+    try:
+        assert console.stdin is not None
+        console.stdin.write("%bg --name fine print('job-out')\n%bg --name broken 1 / 0\n")
+        console.stdin.flush()
+        # Once this client has both end lines, so has the console's socket: the kernel
+        # publishes the reply to its next cell after them, on the same socket.
+        for job in (1, 2):
+            any_kernel.wait_for(lambda m, job=job: _end_line_of(m) == job, 60)
+        screen, _ = console.communicate("print('after')\n", timeout=60)
+    finally:
+        if console.poll() is None:
+            console.kill()
+            console.wait(10)
+    screen = re.sub(r"\x1b\[[0-9;]*m", "", screen)
+    assert "job-out" in screen and "ZeroDivisionError" in screen and "after" in screen
+    assert re.search(r"\[job 1 done after \d+\.\ds\]", screen), screen
+    assert re.search(r"\[job 2 failed after \d+\.\ds\]", screen), screen
+
+
+def test_a_notebook_gets_no_end_line_its_handle_says_it(any_kernel: KernelSession) -> None:
+    """JupyterLab and Notebook 7 send the cell's id; they redraw the handle, so no extra line."""
+    kc = any_kernel.kc
+    content = {"code": "%%bg\nprint('in a notebook')", "silent": False, "store_history": True}
+    msg = kc.session.msg("execute_request", content, metadata={"cellId": "a-cell-id"})
+    kc.shell_channel.send(msg)
+    job = any_kernel.job_id(msg["header"]["msg_id"])
+    any_kernel.wait_job_end(job)
+    assert any_kernel.text(msg["header"]["msg_id"]) == "in a notebook\n"
+    plain = any_kernel.execute("%%bg\nprint('from a terminal')")
+    any_kernel.wait_job_end(any_kernel.job_id(plain))
+    any_kernel.wait_for(lambda m: _end_line_of(m) is not None and m["parent_header"]["msg_id"] == plain)
+    printed = any_kernel.text(plain, end_lines=True)
+    assert re.fullmatch(r"from a terminal\n\[job \d+ done after \d+\.\ds\]\n", printed)
+    assert not [m for m in any_kernel.messages if _end_line_of(m) == job]

@@ -21,7 +21,7 @@ from polycell.cell import CompiledCell, compile_cell
 from polycell.control import ControlHandler
 from polycell.interrupts import BackgroundThread, InterruptWaker
 from polycell.iopub import IOPubPublisher
-from polycell.job import Job, JobError, one_line
+from polycell.job import Job, JobError, JobState, one_line
 from polycell.job_figures import install_job_figures, remove_job_figures, show_open_figures
 from polycell.job_table import JobTable, jobs
 from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
@@ -268,6 +268,20 @@ class Polycell:
         def update() -> None:
             show("update_display_data")
 
+        # A notebook (JupyterLab, Notebook 7) sends the cell's id with each request and
+        # redraws the handle when it is updated; a terminal front end (jupyter console)
+        # ignores display updates, so it is also told how the job ended in a line.
+        # Not journaled: the handle says it everywhere else. Killed jobs already say so.
+        says_how_it_ended = not parent.get("metadata", {}).get("cellId")
+
+        def end() -> None:
+            update()
+            if says_how_it_ended and job.status is not JobState.KILLED:
+                line = f"[job {job.id} {job.status.value} after {view.format_elapsed(job.elapsed)}]\n"
+                stream = {"name": "stderr" if job.status is JobState.FAILED else "stdout", "text": line}
+                record = {"msg_type": "stream", "content": stream, "polycell": {"end_line": True}}
+                self.publisher.send(job.id, parent, record)
+
         if threading.current_thread() is threading.main_thread():
             # What the cell printed before it started the job comes first, as with
             # display(). (A cell the kernel starts from its shell channel thread
@@ -284,7 +298,7 @@ class Polycell:
         job.add_state_listener(lambda changed: None if changed.done else update())
         # The final update is sent after the job's last output, so the handle never
         # says "done" while its traceback is still on its way.
-        self.publisher.follow(job, parent, replay=replay, on_end=update)
+        self.publisher.follow(job, parent, replay=replay, on_end=end)
         if replay:
             # The replay (all of it, for a job that ended) reaches the socket before the
             # cell's idle: nbclient and papermill stop listening to a cell there.

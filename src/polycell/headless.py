@@ -104,11 +104,13 @@ class JobWatch:
         parent = msg.get("parent_header", {}).get("msg_id", "")
         cell = self._cells.setdefault(parent, _CellState())
         msg_type, content = msg["msg_type"], msg["content"]
+        if is_end_line(msg):
+            return  # for terminals; here the job's handle says how it ended
+        mark = (msg.get("metadata") or {}).get("polycell") or {}
         if msg_type == "status" and content.get("execution_state") == "idle":
             cell.idle = True
         elif cell.idle and msg_type in OUTPUT_TYPES:
             cell.late.append(msg)
-        mark = (msg.get("metadata") or {}).get("polycell") or {}
         if "job" not in mark:
             return
         job = self.jobs.setdefault(mark["job"], JobOutcome(mark["job"], parent))
@@ -161,6 +163,11 @@ class JobWatch:
                     continue  # it ended meanwhile, or the kernel is gone: its handle says which
 
 
+def is_end_line(msg: dict[str, Any]) -> bool:
+    """The line that tells a terminal front end how a job ended (see `polycell.extension`)."""
+    return bool(((msg.get("metadata") or {}).get("polycell") or {}).get("end_line"))
+
+
 class FollowJobs:
     """Mixin for an nbclient `NotebookClient`: every job's output lands in its cell, then waits for jobs.
 
@@ -184,6 +191,12 @@ class FollowJobs:
             return chained(cell=cell, cell_index=cell_index, execute_reply=execute_reply) if chained else None
 
         self.on_cell_executed = executed
+
+    def output(self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int) -> Any:
+        """nbclient's handler of one output message, minus polycell's lines for terminals."""
+        if is_end_line(msg):
+            return None  # the job's handle, saved in the notebook, says how it ended
+        return super().output(outs, msg, display_id, cell_index)  # type: ignore[misc]
 
     def stop_following(self) -> None:
         if self.watch is not None:

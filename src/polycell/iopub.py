@@ -131,7 +131,7 @@ class IOPubPublisher:
                     except Exception as exc:  # noqa: BLE001 - the rest of the batch still goes out
                         print(f"polycell: job {job_id} end update failed: {exc!r}", file=sys.__stderr__)
                 continue
-            if record["msg_type"] == "stream":
+            if record["msg_type"] == "stream" and "polycell" not in record:  # marked lines stay whole
                 key = (job_id, parent.get("msg_id", ""), record["content"]["name"])
                 if pending is None or (pending[0], pending[1].get("msg_id", ""), pending[2]) != key:
                     flush_stream()
