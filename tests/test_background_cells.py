@@ -181,7 +181,9 @@ def test_wait_and_jobs_table(kernel):
     assert api == ("", None)
 
 
-def test_bad_input_gives_one_line(kernel):
+def test_bad_input_gives_one_line(any_kernel):
+    """On both kernels."""
+    kernel = any_kernel
     cases = {
         "%%bg --frobnicate\nprint(1)": "UsageError: %%bg: unrecognized arguments: --frobnicate",
         "%%bg --mode gpu\nprint(1)": "UsageError: %%bg: argument --mode: invalid choice: 'gpu'",
@@ -208,7 +210,9 @@ def _error_traceback(kernel, reply) -> list[str]:
     return error["content"]["traceback"]
 
 
-def test_api_mistakes_are_one_line_with_no_polycell_frame(kernel):
+def test_api_mistakes_are_one_line_with_no_polycell_frame(any_kernel):
+    """On both kernels."""
+    kernel = any_kernel
     cases = {
         "jobs[999]": "JobError: no job 999",
         "jobs.map(abs, 5)": "JobError: jobs.map: the items must be iterable",
@@ -224,7 +228,9 @@ def test_api_mistakes_are_one_line_with_no_polycell_frame(kernel):
         assert "polycell/" not in traceback[0], (code, traceback)
 
 
-def test_interrupting_job_wait_stops_the_waiting_in_one_line(kernel):
+def test_interrupting_job_wait_stops_the_waiting_in_one_line(any_kernel):
+    """On both kernels."""
+    kernel = any_kernel
     # The job itself says when the main thread is inside %job wait's wait: the ■ must land there.
     bg = kernel.execute(
         "%%bg --name sleeper\n"
@@ -255,7 +261,9 @@ def test_interrupting_job_wait_stops_the_waiting_in_one_line(kernel):
     kernel.wait_job_end(job)
 
 
-def test_a_job_that_catches_its_kill_says_so(kernel):
+def test_a_job_that_catches_its_kill_says_so(any_kernel):
+    """On both kernels."""
+    kernel = any_kernel
     kernel.run("import threading\ngate = threading.Event()")
     bg = kernel.execute(
         "%%bg\nimport time\ntry:\n    print('sleeping')\n    time.sleep(60)\nexcept BaseException as exc:\n"

@@ -226,3 +226,13 @@ def test_a_notebook_gets_no_end_line_its_handle_says_it(any_kernel: KernelSessio
     printed = any_kernel.text(plain, end_lines=True)
     assert re.fullmatch(r"from a terminal\n\[job \d+ done after \d+\.\ds\]\n", printed)
     assert not [m for m in any_kernel.messages if _end_line_of(m) == job]
+
+
+def test_unload_ext_puts_back_what_polycell_replaced(kernel: KernelSession) -> None:
+    kernel.run("%%bg\nimport matplotlib.pyplot as plt\nplt.plot([1])")  # a thread job; pyplot adopted
+    kernel.run("import os, subprocess, time\nfrom matplotlib import _pylab_helpers")
+    kernel.run("%unload_ext polycell")
+    replaced = "(type(time.sleep).__name__, type(os.system).__name__, subprocess.Popen.__module__, "
+    replaced += "type(_pylab_helpers.Gcf.figs).__name__)"
+    builtin = "builtin_function_or_method"
+    assert kernel.eval(replaced) == (builtin, builtin, "subprocess", "OrderedDict")

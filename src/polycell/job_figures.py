@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from polycell.after_import import after_import
-from polycell.job import Job, current_job
+from polycell.job import Job, current_job, one_line
 
 __all__ = ["FiguresByJob", "install_job_figures", "show_open_figures"]
 
@@ -109,4 +109,7 @@ def show_open_figures() -> None:
     if matplotlib.get_backend() in _INLINE_BACKENDS:
         from matplotlib_inline.backend_inline import show
 
-        show(close=True)
+        try:
+            show(close=True)
+        except Exception as exc:  # noqa: BLE001 - a figure that cannot draw must not fail a job that ran
+            print(f"a figure could not be shown: {one_line(exc)}", file=sys.stderr)

@@ -193,6 +193,7 @@ class MapRunner(Runner):
         self._backends: dict[int, _Backend] = {}
         self._threads: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._closed = False
         install_interruptible_sleep()  # a kill wakes a lazy input's sleep, in the coordinator too
 
     def submit(self, job: Job, body: MapSpec) -> Job:
@@ -260,6 +261,9 @@ class MapRunner(Runner):
 
     def shutdown(self, timeout: float = 2.0) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             backends = list(self._backends.values())
             threads = list(self._threads.values())
         for backend in backends:
