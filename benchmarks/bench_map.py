@@ -22,7 +22,7 @@ REPEATS = 5
 
 SETUP = f"""
 import time, concurrent.futures, multiprocessing
-from polycell.parallel_map import default_chunksize
+from polycell.map_items import default_chunksize
 
 def burn(n):
     total = 0
