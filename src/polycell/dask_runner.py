@@ -267,7 +267,7 @@ class DaskRunner(Runner):
                     job._set_killed()
                     return
                 error = exc if isinstance(exc, JobError) else JobError(f"dask: {one_line(exc)}")
-                job.journal.write("stderr", f"[job {job.id}: {error}]\n")
+                job.note(error)
                 job._set_exception(error)
         finally:
             with self._lock:
@@ -294,7 +294,7 @@ class DaskRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - a closed client, a scheduler gone
             self._end(task)
             error = JobError(f"dask: the cell could not be submitted: {one_line(exc)}")
-            job.journal.write("stderr", f"[job {job.id}: {error}]\n")
+            job.note(error)
             job._set_exception(error)
             return job
         with self._lock:
@@ -448,7 +448,7 @@ class DaskRunner(Runner):
             client.cancel([task.future], force=True)
             client.run(interrupt_cell, task.topic)
         except Exception as exc:  # noqa: BLE001 - the cluster may be gone: then nothing runs anyway
-            task.job.journal.write("stderr", f"[job {task.job.id}: dask: {one_line(exc)}]\n")
+            task.job.note(f"dask: {one_line(exc)}")
 
     def kill(self, job: Job) -> None:
         from polycell.dask_worker import interrupt_cell
@@ -486,9 +486,7 @@ class DaskRunner(Runner):
                 client.run(interrupt_cell, task.topic, workers=[worker])
         except Exception as exc:  # noqa: BLE001 - the worker may be gone; the note below still holds
             where = worker or "the cluster"
-            job.journal.write(
-                "stderr", f"[job {job.id}: could not reach {where} to stop it: {one_line(exc)}]\n"
-            )
+            job.note(f"could not reach {where} to stop it: {one_line(exc)}")
             if worker is None:
                 self._end(task)
                 job._set_killed()
@@ -496,11 +494,10 @@ class DaskRunner(Runner):
 
         def still_running() -> None:
             if not job.done:
-                job.journal.write(
-                    "stderr",
-                    f"[job {job.id}: dask could not stop the task already running on {worker}: "
+                job.note(
+                    f"dask could not stop the task already running on {worker}: "
                     "it is blocked in code that cannot be interrupted; it was cancelled and its "
-                    "result will be dropped, and the job will show killed when it returns]\n",
+                    "result will be dropped, and the job will show killed when it returns"
                 )
 
         self._start_timer(task, _KILL_GRACE_SECONDS, still_running)

@@ -155,7 +155,7 @@ class JobWatch:
 
     def kill(self, jobs: list[JobOutcome], timeout: float = 10) -> None:
         """Ask the kernel to kill these jobs, as ``polycell kill`` does (over the control channel)."""
-        from polycell.cli import CliError, KernelLink
+        from polycell.kernel_link import CliError, KernelLink
 
         with KernelLink(self.connection_file, timeout) as link:
             for job in jobs:

@@ -29,6 +29,7 @@ __all__ = [
     "Runner",
     "current_job",
     "one_line",
+    "refuse_jobs_here",
 ]
 
 
@@ -84,6 +85,22 @@ class KillOutcome(enum.StrEnum):
 #: decide whether a ``print`` belongs to a job or to the foreground cell.
 current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar("polycell_current_job", default=None)
 
+#: Set in a forked child (a process job, a map worker): why no job can start there. Its
+#: copies of the kernel's output threads and job table were left behind by the fork.
+_jobs_refused: str | None = None
+
+
+def refuse_jobs_here(what: str) -> None:
+    """Called once in a forked child: from now on, starting a job is a one-line JobError."""
+    global _jobs_refused
+    _jobs_refused = f"{what} cannot start jobs of its own; start them from the notebook"
+
+
+def check_jobs_allowed() -> None:
+    """JobError in a forked child (see `refuse_jobs_here`); nothing anywhere else."""
+    if _jobs_refused is not None:
+        raise JobError(_jobs_refused)
+
 
 class Job:
     """One piece of code running in the background, and everything known about it.
@@ -104,6 +121,7 @@ class Job:
         journal: OutputJournal | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
+        check_jobs_allowed()  # the one place a forked child refuses jobs: none can exist there
         self.id = job_id
         self.name = name or f"job-{job_id}"
         self.mode = mode
@@ -191,6 +209,10 @@ class Job:
         if self.wait(timeout):
             return KillOutcome.KILLED if self._state is JobState.KILLED else KillOutcome.ALREADY_ENDED
         return KillOutcome.STILL_BLOCKED
+
+    def note(self, text: str) -> None:
+        """One line about the job, in its cell's stderr: ``[job 3: text]``."""
+        self.journal.write("stderr", f"[job {self.id}: {text}]\n")
 
     def add_state_listener(self, listener: Callable[[Job], None]) -> None:
         """Call `listener(job)` after every state change, from the thread that made it."""

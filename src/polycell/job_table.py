@@ -56,7 +56,6 @@ class JobTable:
         self.on_new_job: Callable[[Job], None] | None = None
         #: Set in a forked child (a process job, a map worker), whose copy of this
         #: table and of the threads behind it cannot run jobs: why none may start.
-        self.refusal: str | None = None
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -90,8 +89,6 @@ class JobTable:
 
     def runner(self, mode: str, backend: str | None = None) -> Runner:
         """The runner for `mode` (and, for task mode, the event loop `backend`), made on first use."""
-        if self.refusal is not None:
-            raise JobError(self.refusal)
         if backend == "asyncio":
             backend = None
         with self._lock:
@@ -117,8 +114,6 @@ class JobTable:
         """Register a pending job; the caller hands it to `runner(mode).submit`."""
         if mode not in MODES and mode not in ENGINES:
             raise JobError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if self.refusal is not None:
-            raise JobError(self.refusal)
         with self._lock:
             job_id = next(self._ids)
             job = Job(

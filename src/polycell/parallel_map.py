@@ -45,19 +45,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from polycell import process
+from polycell.child_pipe import receive_frame
+from polycell.fork import ForkedChild, Forker, acquire_forker, describe_status, release_forker
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobError, JobKilled, Runner, current_job
 from polycell.journal import Record
 from polycell.map_items import Chunk, ChunkFeed
-from polycell.process import (
-    ForkedChild,
-    Forker,
-    acquire_forker,
-    describe_status,
-    receive_frame,
-    release_forker,
-)
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
 __all__ = [
@@ -197,7 +190,6 @@ class MapRunner(Runner):
         install_interruptible_sleep()  # a kill wakes a lazy input's sleep, in the coordinator too
 
     def submit(self, job: Job, body: MapSpec) -> Job:
-        process.check_not_in_child()
         context = self._prepare(job)
         backend = _BACKENDS[body.backend](job, body)
         job.info["workers"] = f"{body.workers} {body.backend}"
