@@ -25,11 +25,11 @@ def table():
 def test_states_move_forward_only():
     job = Job(1, mode="thread")
     assert job.status is JobState.PENDING
-    assert job._set_running()
-    job._set_result(5)
-    job._set_exception(ValueError("late"))  # ignored: already ended
+    assert job.set_running()
+    job.set_result(5)
+    job.set_exception(ValueError("late"))  # ignored: already ended
     assert job.status is JobState.DONE and job.result == 5 and job.exception is None
-    assert not job._set_running()
+    assert not job.set_running()
 
 
 def test_thread_job_result_output_and_await(table):

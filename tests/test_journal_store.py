@@ -43,12 +43,12 @@ def test_records_metadata_and_rich_output_survive_in_order(tmp_path):
     try:
         job = Job(1, mode="thread", name="work")
         store.track(job)
-        job._set_running()
+        job.set_running()
         for i in range(1000):
             job.journal.write("stdout", f"{i}\n")
         job.journal.append({"msg_type": "display_data", "content": {"data": {"text/plain": "rich"}}})
         job.journal.write("stderr", "warning\n")
-        job._set_exception(ValueError("boom"))
+        job.set_exception(ValueError("boom"))
         assert store.flush()
         assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         stored, records = read_job(path, 1)
@@ -69,10 +69,10 @@ def test_oldest_jobs_go_first_past_the_cap(tmp_path):
         for job_id in range(1, 9):
             job = Job(job_id, mode="thread")
             store.track(job)
-            job._set_running()
+            job.set_running()
             for i in range(4000):
                 job.journal.write("stdout", f"job {job_id} line {i} ------------\n")
-            job._set_result(None)
+            job.set_result(None)
             assert store.flush()
             assert store.used_bytes() <= 300_000
     finally:
@@ -90,7 +90,7 @@ def test_a_running_job_bigger_than_the_cap_keeps_its_newest_output(tmp_path):
     job = Job(1, mode="thread")
     try:
         store.track(job)
-        job._set_running()
+        job.set_running()
         for i in range(40_000):
             job.journal.write("stdout", f"line {i:06d} ..........\n")
             if i % 2000 == 0:
@@ -111,7 +111,7 @@ def test_a_running_job_bigger_than_the_cap_keeps_its_newest_output(tmp_path):
 def test_a_reloaded_extension_rewrites_a_job_without_duplicates(tmp_path):
     path = tmp_path / "polycell-k.sqlite"
     job = Job(1, mode="thread")
-    job._set_running()
+    job.set_running()
     first = JournalStore(path)
     first.track(job)
     job.journal.write("stdout", "before\n")
@@ -121,7 +121,7 @@ def test_a_reloaded_extension_rewrites_a_job_without_duplicates(tmp_path):
         assert second.run == first.run
         second.track(job)
         job.journal.write("stdout", "after\n")
-        job._set_result(None)
+        job.set_result(None)
         assert second.flush()
     finally:
         second.close()

@@ -255,7 +255,7 @@ class DaskRunner(Runner):
     ) -> None:
         try:
             if job.done or job.kill_requested:  # killed while waiting to start
-                job._set_killed()
+                job.set_killed()
                 return
             try:
                 client = self.client  # connect (or start the local cluster) on first use
@@ -264,11 +264,11 @@ class DaskRunner(Runner):
                 self._submit_to(client, job, body)
             except Exception as exc:  # noqa: BLE001 - whatever it is, the job's cell says it
                 if job.done or job.kill_requested:  # killed, or shut down, meanwhile: nothing to say
-                    job._set_killed()
+                    job.set_killed()
                     return
                 error = exc if isinstance(exc, JobError) else JobError(f"dask: {one_line(exc)}")
                 job.note(error)
-                job._set_exception(error)
+                job.set_exception(error)
         finally:
             with self._lock:
                 self._starters.pop(threading.current_thread(), None)
@@ -283,7 +283,7 @@ class DaskRunner(Runner):
         task = _Task(job, f"{self._prefix}-{job.id}", body)
         with self._lock:
             if job.done or self._closed:
-                job._set_killed()
+                job.set_killed()
                 return job  # killed before it was submitted: nothing runs, nothing is merged
             self._tasks[job.id] = task
         try:
@@ -295,7 +295,7 @@ class DaskRunner(Runner):
             self._end(task)
             error = JobError(f"dask: the cell could not be submitted: {one_line(exc)}")
             job.note(error)
-            job._set_exception(error)
+            job.set_exception(error)
             return job
         with self._lock:
             task.future = future
@@ -319,13 +319,13 @@ class DaskRunner(Runner):
         elif "started" in msg:
             task.worker = msg["started"]
             job.info["worker"] = msg["started"]
-            job._set_running()
+            job.set_running()
         elif "ended" in msg:
             task.ended = msg
             if job.kill_requested:
                 # The future was cancelled, so this event is the only news that the task stopped.
                 self._end(task)
-                job._set_killed()
+                job.set_killed()
             else:
                 self._complete_when_ready(task)
 
@@ -337,17 +337,17 @@ class DaskRunner(Runner):
             # no "ended" event is coming to end the job: end it here.
             if task.ended is not None:
                 self._end(task)
-                job._set_killed()
+                job.set_killed()
             return
         try:
             outcome = future.result()
         except BaseException as exc:  # noqa: BLE001 - a lost worker, a failed deserialisation
             self._end(task)
             if job.kill_requested:
-                job._set_killed()
+                job.set_killed()
                 return
             job.journal.write("stderr", f"dask: the task failed: {one_line(exc)}\n")
-            job._set_exception(exc)
+            job.set_exception(exc)
             return
         with task.lock:
             task.outcome = outcome
@@ -384,7 +384,7 @@ class DaskRunner(Runner):
         if job.done:
             return
         if job.kill_requested:
-            job._set_killed()
+            job.set_killed()
             return
         job.info["worker"] = outcome["worker"]
         for what, why in outcome["unsent"].items():
@@ -403,7 +403,7 @@ class DaskRunner(Runner):
 
         status = outcome["status"]
         if status == "killed":
-            job._set_killed()
+            job.set_killed()
             return
         if status == "failed":
             exc: BaseException = RuntimeError("the cell failed on the dask worker")
@@ -412,7 +412,7 @@ class DaskRunner(Runner):
                     exc = cloudpickle.loads(outcome["exception"])
                 except Exception:  # noqa: BLE001 - the error record already says what happened
                     pass
-            job._set_exception(exc)
+            job.set_exception(exc)
             return
         try:
             value = cloudpickle.loads(outcome["value"]) if outcome["value"] is not None else None
@@ -421,9 +421,9 @@ class DaskRunner(Runner):
                 body.finish(value, names)
         except BaseException as exc:  # noqa: BLE001 - e.g. a class the kernel cannot import
             job.journal.write("stderr", f"polycell: could not bring the cell's results back: {exc}\n")
-            job._set_exception(exc)
+            job.set_exception(exc)
             return
-        job._set_result(value)
+        job.set_result(value)
 
     def _end(self, task: _Task) -> None:
         """Stop tracking the task: its timers, its topic. The job's state is the caller's to set."""
@@ -460,7 +460,7 @@ class DaskRunner(Runner):
             # Not submitted (yet): `submit` sees the task is gone and cancels what it submits.
             if task is not None:
                 self._end(task)
-            job._set_killed()
+            job.set_killed()
             return
         client.cancel([task.future], force=True)
         with task.lock:
@@ -469,7 +469,7 @@ class DaskRunner(Runner):
             # The cell already ended on the worker; its result was on its way. No event
             # will come to end the job, and the cancelled future will not either.
             self._end(task)
-            job._set_killed()
+            job.set_killed()
             return
         worker = task.worker
         try:
@@ -479,7 +479,7 @@ class DaskRunner(Runner):
                 running_on = [w for w, hit in client.run(interrupt_cell, task.topic).items() if hit]
                 if not running_on:
                     self._end(task)
-                    job._set_killed()
+                    job.set_killed()
                     return
                 worker = task.worker = job.info["worker"] = running_on[0]
             else:
@@ -489,7 +489,7 @@ class DaskRunner(Runner):
             job.note(f"could not reach {where} to stop it: {one_line(exc)}")
             if worker is None:
                 self._end(task)
-                job._set_killed()
+                job.set_killed()
                 return
 
         def still_running() -> None:
@@ -510,7 +510,7 @@ class DaskRunner(Runner):
             self._closed = True  # a starter still connecting submits nothing after this
             starters = dict(self._starters)
         for job in starters.values():
-            job._set_killed(JobKilled(f"job {job.id} was killed: the kernel shut down"))
+            job.set_killed(JobKilled(f"job {job.id} was killed: the kernel shut down"))
         deadline = time.monotonic() + timeout
         for starter in starters:
             starter.join(max(0.0, deadline - time.monotonic()))
@@ -529,7 +529,7 @@ class DaskRunner(Runner):
                 timers, task.timers = task.timers, []
             for timer in timers:
                 timer.cancel()
-            task.job._set_killed(JobKilled(f"job {task.job.id} was killed: the kernel shut down"))
+            task.job.set_killed(JobKilled(f"job {task.job.id} was killed: the kernel shut down"))
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=False)
         # A starter may still be connecting (up to its timeout): then it releases what it got.

@@ -206,7 +206,7 @@ class Polycell:
             else:
                 runner.submit(job, body)
         except BaseException as exc:
-            job._set_exception(exc)  # a job that could not start must not stay "pending"
+            job.set_exception(exc)  # a job that could not start must not stay "pending"
             raise
         return job
 
@@ -234,7 +234,7 @@ class Polycell:
         try:
             runner.start(job, cell, self.shell.user_ns, self._hidden_names(), finish)
         except BaseException as exc:
-            job._set_exception(exc)  # a job that could not start must not stay "pending"
+            job.set_exception(exc)  # a job that could not start must not stay "pending"
             raise
         return job
 

@@ -107,8 +107,9 @@ class Job:
 
     A job is created by a runner's `submit`. Its state moves only forward:
     pending -> running -> done | failed | killed (a pending job may be killed
-    before it runs). The transitions are made by the runner through the
-    ``_set_*`` methods; everything else is for users.
+    before it runs). The transitions (`set_running`, `finish`, `set_result`,
+    `set_exception`, `set_killed`, `request_kill`) are for runners and tests;
+    everything else is for users.
     """
 
     def __init__(
@@ -197,13 +198,10 @@ class Job:
         but it did not end in time (a thread stuck in C code, a dask task that
         already started): it will be marked killed as soon as it does stop.
         """
-        with self._lock:
-            if self._state.ended:
-                return KillOutcome.ALREADY_ENDED
-            self.kill_requested = True
-            self._kill_reason = reason or self._kill_reason
+        if not self.request_kill(reason):
+            return KillOutcome.ALREADY_ENDED
         if self.runner is None:
-            self._set_killed()
+            self.set_killed()
             return KillOutcome.KILLED
         self.runner.kill(self)
         if self.wait(timeout):
@@ -225,9 +223,39 @@ class Job:
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.name!r} mode={self.mode} status={self._state}>"
 
-    # -- transitions, made by runners --------------------------------------------
+    # -- transitions: for runners and tests, as Future.set_result is ---------------------
+    #
+    # A runner calls set_running when the job's code starts, then exactly one of
+    # finish, set_result, set_exception or set_killed; later calls do nothing.
 
-    def _set_running(self) -> bool:
+    def request_kill(self, reason: str | None = None) -> bool:
+        """Record that the job is to be killed (by `kill`, or a runner shutting down).
+
+        It is the runner's to stop the code; `finish` then knows the exception that
+        stopped it is the kill's doing. False if the job has already ended.
+        """
+        with self._lock:
+            if self._state.ended:
+                return False
+            self.kill_requested = True
+            self._kill_reason = reason or self._kill_reason
+            return True
+
+    def finish(self, exc: BaseException, kill_raises: tuple[type[BaseException], ...] = (JobKilled,)) -> None:
+        """End the job from the exception its code raised: the one rule, for every mode.
+
+        Killed when a kill was requested and `exc` is what a kill raises in this
+        mode (`kill_raises`: `JobKilled`, asyncio's or trio's cancellation, or
+        any exception at all where a kill takes the process down); otherwise
+        failed, so the same exceptions raised without a kill (awaiting a killed
+        job, a cancelled inner task) are the job's own errors.
+        """
+        if self.kill_requested and isinstance(exc, kill_raises):
+            self.set_killed(exc if isinstance(exc, JobKilled) else None)
+        else:
+            self.set_exception(exc)
+
+    def set_running(self) -> bool:
         """Mark the job running; False if it was killed before it could start."""
         with self._lock:
             if self._state is not JobState.PENDING:
@@ -237,13 +265,13 @@ class Job:
         self._notify()
         return True
 
-    def _set_result(self, value: Any) -> None:
+    def set_result(self, value: Any) -> None:
         self._end(JobState.DONE, result=value)
 
-    def _set_exception(self, exc: BaseException) -> None:
+    def set_exception(self, exc: BaseException) -> None:
         self._end(JobState.FAILED, exception=exc)
 
-    def _set_killed(self, exc: BaseException | None = None) -> None:
+    def set_killed(self, exc: BaseException | None = None) -> None:
         self._end(JobState.KILLED, exception=exc or JobKilled(f"job {self.id} was killed"))
 
     def _end(self, state: JobState, *, result: Any = None, exception: BaseException | None = None) -> None:

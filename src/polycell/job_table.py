@@ -181,7 +181,7 @@ class JobTable:
         """Kill every running job and stop every runner; returns the jobs that were running."""
         running = self.running()
         for job in running:
-            job.kill_requested = True
+            job.request_kill()
         with self._lock:
             # Engines first: a map on dask still needs the dask runner's client to cancel.
             order = sorted(self._runners, key=lambda mode: mode not in ENGINES)

@@ -207,7 +207,7 @@ class MapRunner(Runner):
 
     def _run(self, job: Job, spec: MapSpec, backend: _Backend) -> None:
         try:
-            if not job._set_running():
+            if not job.set_running():
                 return
             feed = spec.feed
             results: list[Any] = [None] * (feed.total or 0)
@@ -224,19 +224,13 @@ class MapRunner(Runner):
                     bar.refresh()
             finally:
                 bar.close()
-        except JobKilled as exc:
-            job._set_killed(exc)
-        except MapItemError as exc:
-            job.journal.append(_error_record(exc))
-            job._set_exception(exc)
         except BaseException as exc:  # noqa: BLE001 - a map's failure is data, not a crash
-            if job.kill_requested:
-                job._set_killed()
-            else:
+            # A kill takes every worker down: whatever the coordinator sees then is the kill's.
+            if not job.kill_requested:
                 job.journal.append(_error_record(exc))
-                job._set_exception(exc)
+            job.finish(exc, (BaseException,))
         else:
-            job._set_result(results)
+            job.set_result(results)
         finally:
             backend.close()
             with self._lock:
@@ -247,7 +241,7 @@ class MapRunner(Runner):
         with self._lock:
             backend = self._backends.get(job.id)
         if backend is None:
-            job._set_killed()
+            job.set_killed()
         else:
             backend.stop()
 
@@ -259,6 +253,7 @@ class MapRunner(Runner):
             backends = list(self._backends.values())
             threads = list(self._threads.values())
         for backend in backends:
+            backend.job.request_kill()
             backend.stop()
         deadline = time.monotonic() + timeout
         for thread in threads:

@@ -120,7 +120,7 @@ class ProcessRunner(Runner):
         if self._closed:
             raise RuntimeError("this ProcessRunner has been shut down")
         context = self._prepare(job)
-        if not job._set_running():
+        if not job.set_running():
             return job
         launch = _Launch(job, body, context, namespace, list(names))
         try:
@@ -133,7 +133,7 @@ class ProcessRunner(Runner):
         except OSError as exc:
             message = f"could not start a child process: {one_line(exc)}"
             job.journal.write("stderr", f"[job {job.id} failed: {message}]\n")
-            job._set_exception(JobError(message))
+            job.set_exception(JobError(message))
             return job
         job.info["pid"] = child.pid
         reader = BackgroundThread(
@@ -224,7 +224,7 @@ class ProcessRunner(Runner):
             self._end(launch, outcome, status)
         except Exception as exc:  # noqa: BLE001
             job.note(f"failed: {one_line(exc)}")
-            job._set_exception(exc)
+            job.set_exception(exc)
 
     def _read(self, child: ForkedChild) -> dict[str, Any] | None:
         """Read the child's pipes into the journal until it exits; its outcome, if it sent one."""
@@ -274,11 +274,11 @@ class ProcessRunner(Runner):
     def _end(self, launch: _Launch, outcome: dict[str, Any] | None, status: int | None) -> None:
         job = launch.job
         if job.kill_requested:
-            job._set_killed()
+            job.set_killed()
         elif outcome is not None and outcome["ok"]:
             value = self._load(job, outcome["result"], "result")
             self._merge(launch, outcome["names"])
-            job._set_result(value)
+            job.set_result(value)
         elif outcome is not None:
             exc: BaseException | None = None
             if outcome["exception"] is not None:
@@ -286,11 +286,11 @@ class ProcessRunner(Runner):
                     exc = cloudpickle.loads(outcome["exception"])
                 except Exception:  # noqa: BLE001 - fall back to its text
                     exc = None
-            job._set_exception(exc if isinstance(exc, BaseException) else JobError(outcome["summary"]))
+            job.set_exception(exc if isinstance(exc, BaseException) else JobError(outcome["summary"]))
         else:
             died = self._death(status)
             job.journal.write("stderr", f"[job {job.id} failed: {died}]\n")
-            job._set_exception(died)
+            job.set_exception(died)
 
     @staticmethod
     def _death(status: int | None) -> ProcessDied:
@@ -339,7 +339,7 @@ class ProcessRunner(Runner):
         with self._lock:
             child = self._children.get(job.id)
         if child is None:
-            job._set_killed()
+            job.set_killed()
             return
         child.signal_group(signal.SIGKILL)
 
@@ -353,7 +353,7 @@ class ProcessRunner(Runner):
             children = list(self._children.values())
             readers = list(self._readers.values())
         for child in children:
-            child.job.kill_requested = True
+            child.job.request_kill()
             child.signal_group(signal.SIGKILL)
         return readers
 

@@ -28,8 +28,8 @@ class TaskRunner(Runner):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
-        self._closing = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -57,6 +57,7 @@ class TaskRunner(Runner):
 
     def submit(self, job: Job, body: Callable[[], Awaitable[Any]]) -> Job:
         context = self._prepare(job)
+        self._jobs[job.id] = job
         loop = self.loop
 
         def start() -> None:
@@ -70,28 +71,24 @@ class TaskRunner(Runner):
 
     async def _run(self, job: Job, body: Callable[[], Awaitable[Any]]) -> None:
         try:
-            if not job._set_running():
+            if not job.set_running():
                 return
             value = await body()
-        except (asyncio.CancelledError, JobKilled) as exc:
-            if job.kill_requested or self._closing:
-                job._set_killed(exc if isinstance(exc, JobKilled) else None)
-            else:  # a cancelled inner task, or awaiting a killed job: an error of this one
-                job._set_exception(exc)
         except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
-            job._set_exception(exc)
+            job.finish(exc, (asyncio.CancelledError, JobKilled))
         else:
-            job._set_result(value)
+            job.set_result(value)
 
     def _task_done(self, job: Job, task: asyncio.Task[Any]) -> None:
         self._tasks.pop(job.id, None)
+        self._jobs.pop(job.id, None)
         if task.cancelled():  # cancelled before its first step: `_run` never ran
-            job._set_killed()
+            job.set_killed()
 
     def kill(self, job: Job) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
-            job._set_killed()
+            job.set_killed()
             return
 
         def cancel() -> None:
@@ -99,12 +96,13 @@ class TaskRunner(Runner):
             if task is not None:
                 task.cancel()
             elif not job.done:
-                job._set_killed()
+                job.set_killed()
 
         loop.call_soon_threadsafe(cancel)
 
     def shutdown(self, timeout: float = 2.0) -> None:
-        self._closing = True
+        for job in list(self._jobs.values()):
+            job.request_kill()  # what the cancellation below raises in it is the kill's doing
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None

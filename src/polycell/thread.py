@@ -183,7 +183,7 @@ class ThreadRunner(Runner):
     mode = "thread"
 
     def __init__(self) -> None:
-        self._threads: dict[int, tuple[threading.Thread, KillSwitch]] = {}
+        self._threads: dict[int, tuple[threading.Thread, KillSwitch, Job]] = {}
         self._lock = threading.Lock()
         self._closed = False
         install_interruptible_sleep()
@@ -200,13 +200,13 @@ class ThreadRunner(Runner):
             daemon=True,
         )
         with self._lock:
-            self._threads[job.id] = (thread, switch)
+            self._threads[job.id] = (thread, switch, job)
         thread.start()
         return job
 
     def _run(self, job: Job, body: Callable[[], Any], switch: KillSwitch) -> None:
         try:
-            if not job._set_running():
+            if not job.set_running():
                 return
             job.info["thread"] = threading.current_thread().name
             if job.kill_requested:
@@ -215,14 +215,9 @@ class ThreadRunner(Runner):
                 with switch.armed():
                     value = body()
             except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
-                # JobKilled is a kill only when our switch sent it: raised by awaiting a
-                # killed job, it is this job's error.
-                if switch.pulled and isinstance(exc, (JobKilled, SystemExit)):
-                    job._set_killed(exc if isinstance(exc, JobKilled) else None)
-                else:
-                    job._set_exception(exc)
+                job.finish(exc, (JobKilled, SystemExit))
             else:
-                job._set_result(value)
+                job.set_result(value)
         finally:
             with self._lock:
                 self._threads.pop(job.id, None)
@@ -231,7 +226,7 @@ class ThreadRunner(Runner):
         with self._lock:
             entry = self._threads.get(job.id)
         if entry is None:
-            job._set_killed()
+            job.set_killed()
             return
         entry[1].pull()
 
@@ -241,9 +236,10 @@ class ThreadRunner(Runner):
         self._closed = True
         with self._lock:
             entries = list(self._threads.values())
-        for _thread, switch in entries:
+        for _thread, switch, job in entries:
+            job.request_kill()
             switch.pull()
         deadline = time.monotonic() + timeout
-        for thread, _switch in entries:
+        for thread, _switch, _job in entries:
             thread.join(max(0.0, deadline - time.monotonic()))
         remove_interruptible_sleep()

@@ -35,6 +35,7 @@ class TrioTaskRunner(Runner):
         self._nursery: trio.Nursery | None = None
         self._thread: threading.Thread | None = None
         self._scopes: dict[int, trio.CancelScope] = {}
+        self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
 
     def _start(self) -> trio.lowlevel.TrioToken:
@@ -60,12 +61,13 @@ class TrioTaskRunner(Runner):
 
     def submit(self, job: Job, body: Callable[[], Awaitable[Any]]) -> Job:
         context = self._prepare(job)
+        self._jobs[job.id] = job
         token = self._start()
 
         def spawn() -> None:
             nursery = self._nursery
             if nursery is None:  # the loop is shutting down
-                job._set_killed()
+                job.set_killed()
                 return
             # A trio task runs in a copy of the context that spawned it.
             context.run(nursery.start_soon, self._run, job, body, name=f"polycell-job-{job.id}")
@@ -77,29 +79,26 @@ class TrioTaskRunner(Runner):
         with trio.CancelScope() as scope:
             self._scopes[job.id] = scope
             try:
-                if job.kill_requested or not job._set_running():
-                    job._set_killed()
+                if job.kill_requested or not job.set_running():
+                    job.set_killed()
                     return
                 value = await body()
-            except JobKilled as exc:
-                job._set_killed(exc)
-                return
-            except trio.Cancelled:
-                job._set_killed()
-                raise
-            except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
-                job._set_exception(exc)
+            except BaseException as exc:
+                job.finish(exc, (JobKilled, trio.Cancelled))
+                if isinstance(exc, trio.Cancelled):
+                    raise  # trio's own: its scope must see it
                 return
             finally:
                 self._scopes.pop(job.id, None)
-            job._set_result(value)
+                self._jobs.pop(job.id, None)
+            job.set_result(value)
         if scope.cancelled_caught:
-            job._set_killed()
+            job.set_killed()
 
     def kill(self, job: Job) -> None:
         token = self._token
         if token is None:
-            job._set_killed()
+            job.set_killed()
             return
 
         def cancel() -> None:
@@ -107,12 +106,12 @@ class TrioTaskRunner(Runner):
             if scope is not None:
                 scope.cancel()
             elif not job.done:  # not spawned yet: `_run` sees kill_requested and stops
-                job._set_killed()
+                job.set_killed()
 
         try:
             token.run_sync_soon(cancel)
         except trio.RunFinishedError:
-            job._set_killed()
+            job.set_killed()
 
     def shutdown(self, timeout: float = 2.0) -> None:
         with self._lock:
@@ -121,6 +120,8 @@ class TrioTaskRunner(Runner):
             self._token = self._thread = self._nursery = None
         if token is None or thread is None or nursery is None:
             return
+        for job in list(self._jobs.values()):
+            job.request_kill()  # the cancellation below is the kill's doing
         try:
             token.run_sync_soon(nursery.cancel_scope.cancel)
         except trio.RunFinishedError:
