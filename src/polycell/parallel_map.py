@@ -406,9 +406,9 @@ class _ThreadBackend(_Backend):
                 with switch.armed():
                     for index, item in enumerate(values, chunk.start):  # noqa: B007 - read by the except
                         results.append(func(item))
-            except JobKilled:
-                return
             except BaseException as exc:  # noqa: BLE001 - reported as the map's failure
+                # Stopped: the JobKilled is the kill's. Otherwise even a JobKilled (the
+                # function awaited a killed job) is this item's error.
                 if not self.stopped.is_set():
                     self._done.put(_format_item_error(index, exc))
                 return
