@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from polycell import view
+from polycell.job import one_line
 from polycell.journal import Record
 from polycell.kernel_link import CliError, KernelLink
 
@@ -351,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `polycell tail 3 | head`
         return 0
     except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
-        print(f"polycell {args.command}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"polycell {args.command}: unexpected error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

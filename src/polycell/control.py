@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from polycell import view
-from polycell.job import JobError
+from polycell.job import JobError, one_line
 from polycell.job_table import JobTable
 
 __all__ = ["REPLY_TYPE", "REQUEST_TYPE", "ControlHandler", "answer"]
@@ -70,7 +70,7 @@ def answer(table: JobTable, request: dict[str, Any]) -> dict[str, Any]:
     except JobError as exc:
         return _error(str(exc))
     except Exception as exc:  # noqa: BLE001 - a client waits for a reply: always send one
-        return _error(f"{action}: {type(exc).__name__}: {exc}")
+        return _error(f"{action}: {one_line(exc)}")
     return _error(f"unknown action {action!r}: use jobs, kill or tail")
 
 

@@ -41,7 +41,8 @@ from typing import Any
 import cloudpickle
 
 from polycell.cell import cell_traceback_start
-from polycell.job import JobKilled
+from polycell.job import JobKilled, one_line
+from polycell.journal import error_record
 from polycell.program_output import install_program_capture
 from polycell.routing import RoutedStream
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
@@ -247,7 +248,7 @@ class _EventSink(_Sink):
         try:
             record = plain(record)
         except (TypeError, ValueError, RecursionError) as exc:
-            reason = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+            reason = one_line(exc)
             note = (
                 f"[polycell: a {record.get('msg_type')} output could not be sent from the worker: {reason}]\n"
             )
@@ -305,17 +306,14 @@ def _format_error(exc: BaseException, filename: str) -> Record:
         )
     except Exception:  # noqa: BLE001 - a broken formatter must not lose the error
         lines = traceback.format_exception(type(exc), exc, tb)
-    return {
-        "msg_type": "error",
-        "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": lines},
-    }
+    return error_record(exc, lines)
 
 
 def _pack(value: Any) -> tuple[bytes | None, str]:
     try:
         return cloudpickle.dumps(value), ""
     except Exception as exc:  # noqa: BLE001 - reported to the kernel by name
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, one_line(exc)
 
 
 def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str, Any]:

@@ -178,7 +178,7 @@ class Job:
     def last_line(self) -> str:
         """The last line of output; for a failed job, the error that failed it."""
         if self._state is JobState.FAILED and self._exception is not None:
-            return f"{type(self._exception).__name__}: {self._exception}"
+            return one_line(self._exception, 1000)
         return last_line(self.journal.tail_text())
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -34,6 +34,14 @@ def stream_record(name: str, text: str) -> Record:
     return {"msg_type": "stream", "content": {"name": name, "text": text}}
 
 
+def error_record(exc: BaseException, traceback_lines: list[str]) -> Record:
+    """The record of an exception that ended a job's code, shown as its cell's error."""
+    return {
+        "msg_type": "error",
+        "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": traceback_lines},
+    }
+
+
 def last_line(text: str) -> str:
     """The last non-blank line of stream text; of a line a progress bar redraws with
     ``\r``, only the last drawing."""

@@ -52,7 +52,7 @@ from IPython.core.error import StdinNotImplementedError, UsageError
 from tornado.ioloop import IOLoop
 
 from polycell.interrupts import BackgroundThread
-from polycell.job import JobError, current_job
+from polycell.job import JobError, current_job, one_line
 from polycell.job_table import jobs
 
 __all__ = ["MainThreadQueue", "OutOfQueue", "PolycellKernel", "out_of_queue_action"]
@@ -488,7 +488,7 @@ class PolycellKernel(_Ipykernel74):
             else:
                 stb = self.shell.InteractiveTB.get_exception_only(type(exc), exc)
         except Exception:  # noqa: BLE001 - the formatter failed: the plain line will do
-            stb = [f"{type(exc).__name__}: {exc}"]
+            stb = [one_line(exc, 1000)]
         error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": list(stb)}
         _flush_std_streams()  # as ipykernel: what the cell printed comes before its error
         self._publish_error(error, request)

@@ -18,7 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from polycell import view
-from polycell.job import Job, JobError, JobState, KillOutcome
+from polycell.job import Job, JobError, JobState, KillOutcome, one_line
 from polycell.job_table import MODES
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class PolycellMagics(Magics):
         except SyntaxError as exc:
             raise _CellSyntaxError(self.shell, exc) from None
         except (OSError, RuntimeError) as exc:  # no thread, no fork, no cluster: the machine said no
-            raise UsageError(f"could not start the job: {type(exc).__name__}: {exc}") from None
+            raise UsageError(f"could not start the job: {one_line(exc)}") from None
 
     @cell_magic
     def bg(self, line: str, cell: str) -> None:
@@ -199,7 +199,7 @@ class PolycellMagics(Magics):
             return job.result
         if job.status is JobState.FAILED:
             exc = job.exception
-            print(f"job {job.id} failed: {type(exc).__name__}: {exc}")
+            print(f"job {job.id} failed: {one_line(exc, 1000)}")
         else:
             print(f"job {job.id} {job.status}")
         return None

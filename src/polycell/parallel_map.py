@@ -48,8 +48,8 @@ from tqdm import tqdm
 from polycell.child_pipe import receive_frame
 from polycell.fork import ForkedChild, Forker, acquire_forker, describe_status, release_forker
 from polycell.interrupts import BackgroundThread
-from polycell.job import Job, JobError, JobKilled, Runner, current_job
-from polycell.journal import Record
+from polycell.job import Job, JobError, JobKilled, Runner, current_job, one_line
+from polycell.journal import Record, error_record
 from polycell.map_items import Chunk, ChunkFeed
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
@@ -270,11 +270,8 @@ def _error_record(exc: BaseException) -> Record:
     if isinstance(exc, MapItemError):
         lines = [*exc.traceback_text.splitlines(), str(exc)] if exc.traceback_text else [str(exc)]
     else:
-        lines = [f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__]
-    return {
-        "msg_type": "error",
-        "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": lines},
-    }
+        lines = [one_line(exc, 1000)]
+    return error_record(exc, lines)
 
 
 # -- backends -----------------------------------------------------------------------------
@@ -669,7 +666,7 @@ class _ProcessBackend(_Backend):
                 values = pickle.loads(payload)
             except Exception as exc:  # noqa: BLE001 - one line, not polycell's traceback
                 raise JobError(
-                    f"the results of items {start}.. could not be loaded here: {type(exc).__name__}: {exc}"
+                    f"the results of items {start}.. could not be loaded here: {one_line(exc)}"
                 ) from None
             finished.append((start, values))
         return finished

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from polycell.cell import cell_traceback_start
 from polycell.job import Job, current_job
-from polycell.journal import OutputJournal
+from polycell.journal import OutputJournal, error_record
 
 __all__ = ["JobAwareStream", "OutputRouter", "RoutedStream"]
 
@@ -200,9 +200,4 @@ def write_error(job: Job, shell: Any, exc: BaseException, cell_filename: str) ->
         import traceback
 
         stb = traceback.format_exception(type(exc), exc, tb)
-    job.journal.append(
-        {
-            "msg_type": "error",
-            "content": {"ename": type(exc).__name__, "evalue": str(exc), "traceback": stb},
-        }
-    )
+    job.journal.append(error_record(exc, stb))
