@@ -243,12 +243,10 @@ def test_kill_of_a_cell_waiting_for_a_worker_never_runs_it(dask_kernel, tmp_path
 def test_a_job_killed_before_submit_never_runs_and_a_failed_submit_fails_the_job(dask_kernel, dask_cluster):
     kernel = dask_kernel
     kernel.run(
-        "from polycell.cell import compile_cell\n"
+        "from polycell.cell import CellWork, compile_cell\n"
         "_runner = jobs.runner('dask')\n"
         "def _ship(src):\n"
-        "    body = _runner.ship(compile_cell(get_ipython(), src, 1), globals())\n"
-        "    body.finish = lambda value, names: globals().update(names)\n"
-        "    return body\n"
+        "    return CellWork(compile_cell(get_ipython(), src, 1), globals())\n"
         "_early = jobs.new_job('dask')\n"
         "_ = _early.kill()\n"
         "_ = _runner.submit(_early, _ship('early = 1'))"

@@ -14,11 +14,12 @@ import ast
 import asyncio
 import inspect
 import marshal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, TracebackType
 from typing import Any
 
-__all__ = ["CompiledCell", "cell_traceback_start", "compile_cell", "free_names"]
+__all__ = ["CellWork", "CompiledCell", "cell_traceback_start", "compile_cell", "free_names"]
 
 
 @dataclass
@@ -85,6 +86,59 @@ class CompiledCell:
             if is_expr:
                 value = result
         return value
+
+
+def _nothing(*_args: Any) -> None:
+    return None
+
+
+@dataclass
+class CellWork:
+    """A cell to run as a job: the one work item every runner's ``submit`` takes.
+
+    Each mode takes what it needs: a thread calls `run`, a task awaits
+    `run_async`, a forked child calls `in_child` then `run` and sends back the
+    names the cell assigns, dask ships `cell` with the names it reads (not
+    `hidden`). How a value or an error is shown is the caller's (`on_value`,
+    `on_error`, called in the job's context); `on_end` runs there too when the
+    code has ended, however it ended.
+    """
+
+    cell: CompiledCell
+    namespace: dict[str, Any]
+    on_value: Callable[[Any], None] = _nothing
+    on_error: Callable[[BaseException], None] = _nothing
+    on_end: Callable[[], None] = _nothing
+    in_child: Callable[[], None] = _nothing
+    hidden: list[str] = field(default_factory=list)
+
+    def run(self) -> Any:
+        try:
+            try:
+                value = self.cell.run(self.namespace)
+            except BaseException as exc:
+                self.on_error(exc)
+                raise
+            self.on_value(value)
+            return value
+        finally:
+            self.on_end()
+
+    async def run_async(self) -> Any:
+        try:
+            try:
+                value = await self.cell.run_async(self.namespace)
+            except BaseException as exc:
+                self.on_error(exc)
+                raise
+            self.on_value(value)
+            return value
+        finally:
+            self.on_end()
+
+    def run_in_child(self) -> Any:
+        self.in_child()
+        return self.run()
 
 
 def _bound_names(node: ast.AST) -> list[str]:

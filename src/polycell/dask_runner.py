@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from polycell.cell import CompiledCell
+from polycell.cell import CellWork, CompiledCell
 from polycell.interrupts import BackgroundThread, interrupts_blocked
 from polycell.job import Job, JobError, JobKilled, Runner, one_line
 
@@ -273,9 +273,14 @@ class DaskRunner(Runner):
             with self._lock:
                 self._starters.pop(threading.current_thread(), None)
 
-    def submit(self, job: Job, body: DaskCell) -> Job:
-        self._prepare(job)
-        return self._submit_to(self.client, job, body)
+    def submit(self, job: Job, work: CellWork) -> Job:
+        """A cell's job: see `start`. The names it assigns come back into its namespace."""
+
+        def finish(value: Any, names: dict[str, Any]) -> None:
+            work.namespace.update(names)
+            work.on_value(value)
+
+        return self.start(job, work.cell, work.namespace, work.hidden, finish)
 
     def _submit_to(self, client: Any, job: Job, body: DaskCell) -> Job:
         from polycell.dask_worker import run_cell

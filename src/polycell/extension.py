@@ -13,11 +13,10 @@ import os
 import sys
 import threading
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from polycell import view
-from polycell.cell import CompiledCell, compile_cell
+from polycell.cell import CellWork, CompiledCell, compile_cell
 from polycell.control import ControlHandler
 from polycell.interrupts import BackgroundThread, InterruptWaker
 from polycell.iopub import IOPubPublisher
@@ -155,84 +154,34 @@ class Polycell:
             mode = "task"
         mode = self.choose_mode(cell, mode)
         runner = self.jobs.runner(mode, backend)  # checks both, before any job exists
-        if mode == "dask":
-            return self._run_dask(runner, cell, raw_cell, name, count)
         job = self.jobs.new_job(mode, name=name, source=raw_cell)
         if backend is not None:
             job.info["backend"] = backend
-        namespace = self.shell.user_ns
-        shell = self.shell
+        shell, router = self.shell, self.router
 
-        def fail(exc: BaseException) -> None:
+        def on_error(exc: BaseException) -> None:
             # Whatever a kill raises in the job (JobKilled, asyncio or trio cancellation)
             # is the kill's doing, not an error of the cell; the same exceptions raised
             # without a kill (awaiting a killed job, a cancelled inner task) are errors.
             if not job.kill_requested:
                 write_error(job, shell, exc, cell.filename)
 
-        body: Any
-        if mode == "task":
-
-            async def body() -> Any:
-                try:
-                    try:
-                        value = await cell.run_async(namespace)
-                    except BaseException as exc:
-                        fail(exc)
-                        raise
-                    write_result(job, shell, value, count)
-                    return value
-                finally:
-                    show_open_figures()
-
-        else:
-
-            def body() -> Any:
-                try:
-                    try:
-                        value = cell.run(namespace)
-                    except BaseException as exc:
-                        fail(exc)
-                        raise
-                    write_result(job, shell, value, count)
-                    return value
-                finally:
-                    show_open_figures()  # as the inline backend does when a cell ends
-
-        self.attach(job)
-        try:
-            if mode == "process":
-                self._submit_process(job, body, cell)
-            else:
-                runner.submit(job, body)
-        except BaseException as exc:
-            job.set_exception(exc)  # a job that could not start must not stay "pending"
-            raise
-        return job
-
-    def _submit_process(self, job: Job, body: Callable[[], Any], cell: CompiledCell) -> None:
-        """Fork the job; the names the cell assigns come back into the notebook when it ends."""
-        router = self.router
-
-        def in_child() -> Any:
-            # Every output of the child is this job's, even from threads the job starts.
+        def in_child() -> None:
+            # In a forked child every output is this job's, even from threads it starts.
             router.default_job = job
-            return body()
 
-        self.jobs.runner("process").submit(job, in_child, namespace=self.shell.user_ns, names=cell.assigned)
-
-    def _run_dask(self, runner: Any, cell: CompiledCell, raw_cell: str, name: str | None, count: int) -> Job:
-        """Send the cell and the names it reads to the cluster; bring assigned names back."""
-        job = self.jobs.new_job("dask", name=name, source=raw_cell)
-        shell = self.shell
-
-        def finish(value: Any, names: dict[str, Any]) -> None:
-            shell.user_ns.update(names)
-            write_result(job, shell, value, count)
-
+        work = CellWork(
+            cell,
+            shell.user_ns,
+            on_value=lambda value: write_result(job, shell, value, count),
+            on_error=on_error,
+            on_end=show_open_figures,  # as the inline backend does when a cell ends
+            in_child=in_child,
+            hidden=self._hidden_names(),  # what dask does not ship: IPython's own names
+        )
         self.attach(job)
         try:
-            runner.start(job, cell, self.shell.user_ns, self._hidden_names(), finish)
+            runner.submit(job, work)
         except BaseException as exc:
             job.set_exception(exc)  # a job that could not start must not stay "pending"
             raise

@@ -326,8 +326,13 @@ class Runner(ABC):
         return context
 
     @abstractmethod
-    def submit(self, job: Job, body: Any) -> Job:
-        """Start running `body` as `job` and return at once."""
+    def submit(self, job: Job, work: Any) -> Job:
+        """Start running `work` as `job` and return at once.
+
+        `work` is a cell (`polycell.cell.CellWork`), the same for every mode, or,
+        for the engine on its own, what the mode runs: a function, a coroutine
+        function for task mode, a `MapSpec` for a map.
+        """
 
     @abstractmethod
     def kill(self, job: Job) -> None:

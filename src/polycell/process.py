@@ -33,6 +33,7 @@ from typing import Any
 
 import cloudpickle
 
+from polycell.cell import CellWork
 from polycell.child_pipe import RecordPipe
 from polycell.fork import ForkedChild, acquire_forker, describe_status, fork_available, release_forker
 from polycell.interrupts import BackgroundThread
@@ -107,16 +108,20 @@ class ProcessRunner(Runner):
     def submit(
         self,
         job: Job,
-        body: Callable[[], Any],
+        work: CellWork | Callable[[], Any],
         *,
         namespace: dict[str, Any] | None = None,
         names: Iterable[str] = (),
     ) -> Job:
-        """Run `body()` in a forked child; its return value becomes the job's result.
+        """Run the work in a forked child; its return value becomes the job's result.
 
         When the job succeeds, each of `names` that `namespace` holds in the child
-        is sent back and set in the parent's `namespace`.
+        is sent back and set in the parent's `namespace`: for a cell, the names it
+        assigns, in the notebook's namespace.
         """
+        body: Callable[[], Any] = work
+        if isinstance(work, CellWork):
+            body, namespace, names = work.run_in_child, work.namespace, work.cell.assigned
         if self._closed:
             raise RuntimeError("this ProcessRunner has been shut down")
         context = self._prepare(job)

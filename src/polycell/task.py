@@ -15,6 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from polycell.cell import CellWork
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobKilled, Runner
 
@@ -55,7 +56,8 @@ class TaskRunner(Runner):
         finally:
             loop.close()
 
-    def submit(self, job: Job, body: Callable[[], Awaitable[Any]]) -> Job:
+    def submit(self, job: Job, work: CellWork | Callable[[], Awaitable[Any]]) -> Job:
+        body = work.run_async if isinstance(work, CellWork) else work
         context = self._prepare(job)
         self._jobs[job.id] = job
         loop = self.loop

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from polycell.builtin_standin import BuiltinStandIn
+from polycell.cell import CellWork
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobKilled, Runner
 
@@ -188,7 +189,8 @@ class ThreadRunner(Runner):
         self._closed = False
         install_interruptible_sleep()
 
-    def submit(self, job: Job, body: Callable[[], Any]) -> Job:
+    def submit(self, job: Job, work: CellWork | Callable[[], Any]) -> Job:
+        body = work.run if isinstance(work, CellWork) else work
         if self._closed:
             raise RuntimeError("this ThreadRunner has been shut down")
         context = self._prepare(job)

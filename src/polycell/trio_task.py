@@ -16,6 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from polycell.cell import CellWork
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job, JobError, JobKilled, Runner
 
@@ -59,7 +60,8 @@ class TrioTaskRunner(Runner):
             ready.set()
             await trio.sleep_forever()
 
-    def submit(self, job: Job, body: Callable[[], Awaitable[Any]]) -> Job:
+    def submit(self, job: Job, work: CellWork | Callable[[], Awaitable[Any]]) -> Job:
+        body = work.run_async if isinstance(work, CellWork) else work
         context = self._prepare(job)
         self._jobs[job.id] = job
         token = self._start()
