@@ -18,14 +18,14 @@ Used by ``polycell run`` (`run_notebook`) and by the papermill engine
 
 from __future__ import annotations
 
-import contextlib
 import queue
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from polycell.interrupts import interrupts_blocked
 
 __all__ = ["FINAL_STATUSES", "OUTPUT_TYPES", "FollowJobs", "JobOutcome", "JobWatch", "Settled"]
 
@@ -165,19 +165,6 @@ class JobWatch:
                     continue  # it ended meanwhile, or the kernel is gone: its handle says which
 
 
-@contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold SIGINT back from the main thread for the block; a Ctrl-C meanwhile lands after it."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def is_end_line(msg: dict[str, Any]) -> bool:
     """The line that tells a terminal front end how a job ended (see `polycell.extension`)."""
     return bool(((msg.get("metadata") or {}).get("polycell") or {}).get("end_line"))
@@ -226,7 +213,7 @@ class FollowJobs:
         Ctrl-C waits until this is done: messages taken from the watch and not yet
         in their cell would be lost, and the interrupted run saves what it has.
         """
-        with _ctrl_c_deferred():
+        with interrupts_blocked():  # a Ctrl-C meanwhile lands after it
             self._apply_late_output()
 
     def _apply_late_output(self) -> None:

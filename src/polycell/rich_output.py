@@ -21,7 +21,6 @@ Written against rich 15.0: ``rich.file_proxy.FileProxy`` with its public
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -31,15 +30,14 @@ from polycell.job import current_job
 __all__ = ["RichSupport"]
 
 _NOT_A_JOB = object()  # a FileProxy made outside polycell's reach: leave it alone
-_originals: dict[str, Callable[..., Any]] = {}
 
 
 def _adapt_file_proxy(module: ModuleType) -> None:
     proxy = module.FileProxy
-    if "init" in _originals:
+    if getattr(proxy, "_polycell_adapted", False):
         return
     init, write, flush = proxy.__init__, proxy.write, proxy.flush
-    _originals.update(init=init, write=write, flush=flush)
+    proxy._polycell_adapted = True
 
     def __init__(self: Any, console: Any, file: Any) -> None:
         init(self, console, file)
