@@ -106,6 +106,19 @@ class KernelSession:
         """Send an execute request; returns its msg_id without waiting."""
         return self.kc.execute(code, **kwargs)
 
+    def execute_accepted(self, code: str, timeout: float = 60) -> str:
+        """Execute, sending again while ipykernel aborts it; returns the accepted msg_id.
+
+        Right after a cell fails (an interrupt too), ipykernel aborts the requests that
+        arrive in its stop-on-error window, as a user would see and run again.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            msg_id = self.execute(code)
+            reply = self.reply(msg_id, max(0.0, deadline - time.monotonic()))
+            if reply["content"]["status"] != "aborted":
+                return msg_id
+
     def reply(self, msg_id: str, timeout: float = 60) -> Msg:
         """The shell reply to `msg_id` (other replies on the way are kept for later)."""
         deadline = time.monotonic() + timeout

@@ -529,7 +529,7 @@ def test_the_kernels_interrupt_does_not_reach_a_local_clusters_workers(monkeypat
         fg = session.start_foreground("import time\ntime.sleep(300)")
         session.km.interrupt_kernel()
         assert session.reply(fg, timeout=30)["content"]["ename"] == "KeyboardInterrupt"
-        cell = session.execute("%%bg --mode dask\n6 * 7")
+        cell = session.execute_accepted("%%bg --mode dask\n6 * 7")
         job = session.job_id(cell)
         session.wait_job_end(job, timeout=120)
         assert session.eval(f"jobs[{job}].result") == 42
