@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 
 from harness import POLYCELL_KERNEL, KernelSession, Row, print_rows
+from polycell.headless import is_end_line
 
 BENCH = "1,000 task + 200 thread cells"
 TASKS, THREADS, SLEEP = 1000, 200, 0.5
@@ -44,8 +45,7 @@ def _wrong_cells(session: KernelSession, sent: dict[str, int]) -> int:
     with session._cond:
         for msg in session.messages:
             parent = msg["parent_header"].get("msg_id")
-            end_line = msg.get("metadata", {}).get("polycell", {}).get("end_line")
-            if parent in sent and msg["msg_type"] == "stream" and not end_line:
+            if parent in sent and msg["msg_type"] == "stream" and not is_end_line(msg):
                 text[parent] += msg["content"]["text"]
     return sum(text[msg_id] != f"{n}\n" for msg_id, n in sent.items())
 

@@ -21,6 +21,8 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import KernelManager
 
+from polycell.headless import is_end_line
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 Msg = dict[str, Any]
 #: How a front end starts the polycell kernel (its kernelspec's argv).
@@ -195,7 +197,7 @@ class KernelSession:
                 for m in self.messages
                 if m["parent_header"].get("msg_id") == msg_id
                 and m["msg_type"] not in ("status", "execute_input")
-                and (end_lines or not m.get("metadata", {}).get("polycell", {}).get("end_line"))
+                and (end_lines or not is_end_line(m))
             ]
 
     def text(self, msg_id: str, name: str | None = None, *, end_lines: bool = False) -> str:

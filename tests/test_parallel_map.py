@@ -290,10 +290,7 @@ def test_map_workers_die_with_a_sigkilled_kernel():
                 os.kill(pid, signal.SIGKILL)
 
 
-LAZY_MODES = ["process", "thread"]
-
-
-@pytest.mark.parametrize("mode", LAZY_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_a_generator_is_read_lazily_and_the_map_returns_at_once(any_kernel, mode):
     """The generator blocks after its first item until the foreground, free again, opens the gate."""
     any_kernel.run(
@@ -312,7 +309,7 @@ def test_a_generator_is_read_lazily_and_the_map_returns_at_once(any_kernel, mode
     assert "25/25" in bar.rpartition("\r")[2]  # the total, once the input ended
 
 
-@pytest.mark.parametrize("mode", LAZY_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_an_endless_iterator_runs_until_killed(any_kernel, mode):
     any_kernel.run("import itertools\nendless = itertools.count()")
     msg_id = any_kernel.execute(f"j = jobs.map(abs, endless, workers=2, mode={mode!r}, chunksize=50)")
@@ -324,7 +321,7 @@ def test_an_endless_iterator_runs_until_killed(any_kernel, mode):
     assert any_kernel.eval("j.status.value") == "killed"
 
 
-@pytest.mark.parametrize("mode", LAZY_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_an_input_that_raises_fails_the_map_at_that_item(any_kernel, mode):
     any_kernel.run("def items():\n    yield from range(3)\n    raise ValueError('no more')")
     msg_id = any_kernel.execute(f"j = jobs.map(abs, items(), mode={mode!r})")

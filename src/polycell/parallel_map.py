@@ -543,8 +543,6 @@ class _ProcessBackend(_Backend):
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         self._forker: Forker | None = None
-        #: Every chunk has gone to a worker.
-        self._all_sent = False
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
 
@@ -568,9 +566,8 @@ class _ProcessBackend(_Backend):
 
     def _next_task(self) -> tuple[Any, ...] | None:
         """The next chunk as a worker's task; None once all are sent."""
-        chunk = None if self._all_sent else self.take()
+        chunk = self.take()
         if chunk is None:
-            self._all_sent = True
             return None
         if chunk.items is None:
             return (chunk.start, chunk.stop)
@@ -581,7 +578,7 @@ class _ProcessBackend(_Backend):
             raise MapItemError(index, type(exc).__name__, f"it cannot be sent to a worker: {exc}") from None
 
     def _pending(self) -> bool:
-        return not self._all_sent or any(w.outstanding for w in self._workers)
+        return not self.spec.feed.finished or any(w.outstanding for w in self._workers)
 
     def run(self) -> Iterator[tuple[int, list[Any]]]:
         self._forker = acquire_forker()
