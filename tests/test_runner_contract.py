@@ -1,18 +1,22 @@
 """One behaviour suite, run over every way of running a job, as CPython runs one over every executor.
 
-The job engine alone, no Jupyter: a `JobTable` and its runners. Each mode gets
-the same cases (a result, an exception, a kill before it starts, a kill in a
-sleep, a kill in a loop, output in order, the kill exceptions raised with no
-kill). A mode's code is written the way that mode runs it: a function for
-thread and process, a coroutine for the asyncio and trio task runners, and
-``jobs.map`` over one item. Dask has its own suite against a real cluster
-(tests/test_dask.py).
+The job engine alone, no Jupyter: a `JobTable`, its runners, and cells compiled
+by `polycell.cell.compile_source`. Every mode gets the same cells through the
+same call, ``runner.submit(job, CellWork(cell, namespace))``: a value, an
+exception with the cell's traceback, the names a cell assigns coming back, a
+kill before it starts, a kill in a sleep, a kill in a loop, output in order and
+complete when the job has ended, the kill exceptions raised with no kill.
+Dask runs them on a real cluster; ``jobs.map`` runs each cell as its one item.
+A cell sleeps the way its mode sleeps: ``time.sleep`` in a thread, a process,
+on dask and in a map, ``await`` on the asyncio and trio loops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +24,17 @@ from typing import Any
 
 import pytest
 
+from polycell.cell import CellWork, compile_source
 from polycell.job import Job, JobKilled, JobState, current_job
 from polycell.job_table import JobTable
 from polycell.parallel_map import MapItemError
 
 trio = pytest.importorskip("trio")
+
+MODES = ["thread", "task", "trio", "process", "dask", "map"]
+
+#: How a cell of each mode sleeps.
+_SLEEP = {"task": "await asyncio.sleep({})", "trio": "await trio.sleep({})"}
 
 
 def say(text: str) -> None:
@@ -35,32 +45,42 @@ def say(text: str) -> None:
 
 
 class Mode:
-    """How one mode runs a piece of code: `step` runs between the code's checks for a kill."""
+    """Runs a cell the way one mode runs a ``%%bg`` cell."""
 
-    def __init__(self, name: str, table: JobTable) -> None:
+    def __init__(self, name: str, table: JobTable, dask_address: str | None = None) -> None:
         self.name = name
         self.table = table
+        self.cells = 0
+        if name == "dask":
+            assert dask_address is not None
+            self.table.runner("dask").use(dask_address)  # type: ignore[attr-defined]
 
-    def start(self, code: Callable[[], Any]) -> Job:
-        """Run `code` (a plain function of this test) the way this mode runs a cell."""
+    def work(self, source: str, namespace: dict[str, Any] | None = None) -> CellWork:
+        """The cell, with ``{sleep(N)}`` written this mode's way, as every runner's work item."""
+        sleep = _SLEEP.get(self.name, "time.sleep({})")
+        source = re.sub(r"\{sleep\((\d+)\)\}", lambda m: sleep.format(m.group(1)), textwrap.dedent(source))
+        self.cells += 1
+        cell = compile_source(source, f"<contract cell {self.cells}>")
+        namespace = {} if namespace is None else namespace
+        namespace.update(asyncio=asyncio, time=time)
+        # On a dask worker the cell's print is its output; here `say` writes to the job's journal.
+        namespace["say"] = functools.partial(print, end="") if self.name == "dask" else say
+        if self.name == "trio":
+            namespace["trio"] = trio
+        return CellWork(cell, namespace)
+
+    def new_job(self) -> Job:
+        return self.table.new_job("task" if self.name == "trio" else self.name)
+
+    def runner(self, job: Job) -> Any:
+        return self.table.runner(job.mode, "trio" if self.name == "trio" else None)
+
+    def start(self, source: str, namespace: dict[str, Any] | None = None) -> Job:
+        work = self.work(source, namespace)
         if self.name == "map":
-            return self.table.map(lambda _item: code(), [0], workers=1, mode="thread")
-        if self.name in ("thread", "process"):
-            return self.table.submit(self.name, code)
-        backend = "trio" if self.name == "trio" else None
-        runner = self.table.runner("task", backend)
-        job = self.table.new_job("task")
-        sleep = trio.sleep if self.name == "trio" else asyncio.sleep
-
-        async def body() -> Any:
-            await sleep(0)
-            result = code()
-            while isinstance(result, _Sleep):  # the code asked to sleep: do it the mode's way
-                await sleep(result.seconds)
-                result = result.then()
-            return result
-
-        return runner.submit(job, body)
+            return self.table.map(lambda _item: work.run(), [0], workers=1, mode="thread")
+        job = self.new_job()
+        return self.runner(job).submit(job, work)
 
     def result(self, job: Job) -> Any:
         return job.result[0] if self.name == "map" else job.result
@@ -72,45 +92,31 @@ class Mode:
         return exc
 
 
-class _Sleep:
-    """A sleep the task modes await (they cannot block in ``time.sleep``); then `then()`."""
-
-    def __init__(self, seconds: float, then: Callable[[], Any]) -> None:
-        self.seconds = seconds
-        self.then = then
-
-
-def sleep_then(mode: Mode, seconds: float, then: Callable[[], Any]) -> Any:
-    if mode.name in ("task", "trio"):
-        return _Sleep(seconds, then)
-    time.sleep(seconds)
-    return then()
-
-
-MODES = ["thread", "task", "trio", "process", "map"]
-
-
 @pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> Iterator[Mode]:
     table = JobTable()
+    address = request.getfixturevalue("dask_cluster") if request.param == "dask" else None
     try:
-        yield Mode(request.param, table)
+        yield Mode(request.param, table, address)
     finally:
         table.shutdown()
 
 
-def test_a_result(mode: Mode) -> None:
-    job = mode.start(lambda: 42)
-    assert job.wait(30)
+def test_a_value(mode: Mode) -> None:
+    job = mode.start("6 * 7")
+    assert job.wait(60)
     assert job.status is JobState.DONE and mode.result(job) == 42 and job.exception is None
 
 
-def test_an_exception_fails_the_job_with_its_traceback(mode: Mode) -> None:
-    def broken() -> None:
-        raise ValueError("bad input")
-
-    job = mode.start(broken)
-    assert job.wait(30)
+def test_an_exception_fails_the_job_with_the_cells_traceback(mode: Mode) -> None:
+    job = mode.start(
+        """
+        def broken():
+            raise ValueError("bad input")
+        broken()
+        """
+    )
+    assert job.wait(60)
     assert job.status is JobState.FAILED
     cause = mode.cause(job)
     assert isinstance(cause, ValueError) and str(cause) == "bad input"
@@ -123,14 +129,23 @@ def test_an_exception_fails_the_job_with_its_traceback(mode: Mode) -> None:
         assert "broken" in frames
 
 
-def test_output_in_order_and_complete_when_the_job_has_ended(mode: Mode) -> None:
-    def chatty() -> str:
-        for i in range(200):
-            say(f"line {i}\n")
-        return "end"
+def test_the_names_a_cell_assigns_are_in_its_namespace_when_it_has_ended(mode: Mode) -> None:
+    if mode.name == "map":
+        pytest.skip("a map item returns a value; it assigns no names of the notebook")
+    namespace: dict[str, Any] = {"base": 6}
+    job = mode.start("answer = base * 7\nimport math as shown_math", namespace)
+    assert job.wait(60) and job.status is JobState.DONE, job.exception
+    assert namespace["answer"] == 42 and namespace["shown_math"].pi > 3
 
-    job = mode.start(chatty)
-    assert job.wait(30) and job.status is JobState.DONE
+
+def test_output_in_order_and_complete_when_the_job_has_ended(mode: Mode) -> None:
+    job = mode.start(
+        """
+        [say(f"line {i}\\n") for i in range(200)]
+        "end"
+        """
+    )
+    assert job.wait(60) and job.status is JobState.DONE, job.exception
     # As soon as the job has ended, its last output is in its journal (a map's bar besides).
     assert re.findall(r"line \d+\n", job.output) == [f"line {i}\n" for i in range(200)]
     if mode.name != "map":
@@ -140,33 +155,21 @@ def test_output_in_order_and_complete_when_the_job_has_ended(mode: Mode) -> None
 def test_a_kill_before_it_starts_runs_nothing(mode: Mode) -> None:
     if mode.name == "map":
         pytest.skip("jobs.map starts its job as it creates it")
-    ran = threading.Event()
-    job = mode.table.new_job("task" if mode.name in ("task", "trio") else mode.name)
+    job = mode.new_job()
     job.kill()
     assert job.status is JobState.KILLED
-    backend = "trio" if mode.name == "trio" else None
-    runner = mode.table.runner(job.mode, backend)
+    mode.runner(job).submit(job, mode.work("say('ran')"))
     if mode.name in ("task", "trio"):
-
-        async def body() -> None:
-            ran.set()
-
-        runner.submit(job, body)
         # The loop runs its tasks in order: once a later job has run, this one had its turn.
-        later = mode.start(lambda: "later")
-        assert later.wait(30)
+        later = mode.start("'later'")
+        assert later.wait(60)
     else:
-        runner.submit(job, ran.set)
-        _wait_until(lambda: f"polycell-job-{job.id}" not in {t.name for t in threading.enumerate()})
-    assert not ran.is_set() and job.status is JobState.KILLED
+        _wait_until(lambda: not any(t.name.endswith(f"-{job.id}") for t in threading.enumerate()))
+    assert "ran" not in job.output and job.status is JobState.KILLED
 
 
 def test_a_kill_in_a_sleep(mode: Mode) -> None:
-    def sleeper() -> Any:
-        say("asleep\n")
-        return sleep_then(mode, 300, lambda: "woke")
-
-    job = mode.start(sleeper)
+    job = mode.start("say('asleep\\n')\n{sleep(300)}\n'woke'")
     _wait_for_output(job, "asleep\n")
     job.kill(timeout=10)
     assert job.status is JobState.KILLED
@@ -174,17 +177,8 @@ def test_a_kill_in_a_sleep(mode: Mode) -> None:
 
 
 def test_a_kill_in_a_loop(mode: Mode) -> None:
-    def spinner() -> Any:
-        say("spinning\n")
-        if mode.name in ("task", "trio"):  # a coroutine can only be stopped where it awaits
-            return sleep_then(mode, 0, spinner_again)
-        while True:
-            pass
-
-    def spinner_again() -> Any:
-        return sleep_then(mode, 0, spinner_again)
-
-    job = mode.start(spinner)
+    loop = "while True:\n    {sleep(0)}" if mode.name in ("task", "trio") else "while True:\n    pass"
+    job = mode.start("say('spinning\\n')\n" + loop)
     _wait_for_output(job, "spinning\n")
     job.kill(timeout=10)
     assert job.status is JobState.KILLED
@@ -192,12 +186,8 @@ def test_a_kill_in_a_loop(mode: Mode) -> None:
 
 def test_a_kill_exception_raised_without_a_kill_is_the_jobs_error(mode: Mode) -> None:
     """Awaiting a killed job raises JobKilled (a cancelled inner task, CancelledError): not a kill."""
-
-    def raises() -> None:
-        raise JobKilled("from another job")
-
-    job = mode.start(raises)
-    assert job.wait(30)
+    job = mode.start("from polycell.job import JobKilled\nraise JobKilled('from another job')")
+    assert job.wait(60)
     assert job.status is JobState.FAILED
 
 

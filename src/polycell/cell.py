@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import CodeType, TracebackType
 from typing import Any
 
-__all__ = ["CellWork", "CompiledCell", "cell_traceback_start", "compile_cell", "free_names"]
+__all__ = ["CellWork", "CompiledCell", "cell_traceback_start", "compile_cell", "compile_source", "free_names"]
 
 
 @dataclass
@@ -253,8 +253,18 @@ def compile_cell(shell: Any, raw_cell: str, number: int) -> CompiledCell:
     """
     source = shell.transform_cell(raw_cell)
     filename = shell.compile.cache(source, number, raw_cell)
+    return compile_source(source, filename, shell.compile.flags)
+
+
+def compile_source(source: str, filename: str, flags: int = 0) -> CompiledCell:
+    """Compile Python source (magics already transformed) into a cell a runner can run.
+
+    The engine's half of `compile_cell`, which needs no shell: the runners and
+    their tests run what this returns. Top-level ``await`` is allowed, and the
+    last expression is kept apart, so its value is the cell's value.
+    """
     module = ast.parse(source, filename=filename)
-    flags = shell.compile.flags | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     last: ast.expr | None = None
     if module.body and isinstance(module.body[-1], ast.Expr):
         last = module.body.pop().value  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from typing import Any
 from polycell.interrupts import BackgroundThread
 from polycell.job import one_line
 from polycell.journal import Record, stream_record
+from polycell.stream_text import StreamText
 
 __all__ = ["BadFrame", "ChildStream", "FrameDecoder", "RecordPipe", "receive_frame", "send_frame"]
 
@@ -31,7 +32,6 @@ _FRAME_HEADER = struct.Struct("!Q")
 #: for this long; otherwise it is batched and sent by the child's flusher thread.
 _QUIET_SECONDS = 0.005
 _FLUSH_SECONDS = 0.01
-_CHUNK_CHARS = 64_000
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -52,9 +52,7 @@ class RecordPipe:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
-        self._name: str | None = None
-        self._texts: list[str] = []
-        self._size = 0
+        self._text = StreamText(self._send_text)
         self._last_send = 0.0
         self._stopped = threading.Event()
         BackgroundThread(target=self._flush_loop, name="polycell-child-flush", daemon=True).start()
@@ -64,15 +62,9 @@ class RecordPipe:
         if not text:
             return
         with self._lock:
-            if self._name is not None and self._name != name:
-                self._flush_locked()
-            self._name = name
-            self._texts.append(text)
-            self._size += len(text)
-            if self._size >= _CHUNK_CHARS or (
-                text.endswith("\n") and time.monotonic() - self._last_send >= _QUIET_SECONDS
-            ):
-                self._flush_locked()
+            self._text.add(name, text)
+            if text.endswith("\n") and time.monotonic() - self._last_send >= _QUIET_SECONDS:
+                self._text.flush()
 
     def append(self, record: Record) -> None:
         with self._lock:
@@ -105,10 +97,10 @@ class RecordPipe:
             self.flush()
 
     def _flush_locked(self) -> None:
-        if self._texts and self._name is not None:
-            record = stream_record(self._name, "".join(self._texts))
-            self._texts, self._size = [], 0
-            self._send(("record", record))
+        self._text.flush()
+
+    def _send_text(self, name: str, _tag: object, text: str) -> None:
+        self._send(("record", stream_record(name, text)))
 
     def _send(self, message: tuple[str, Any]) -> None:
         try:

@@ -45,6 +45,7 @@ from polycell.job import JobKilled, one_line
 from polycell.journal import error_record
 from polycell.program_output import install_program_capture
 from polycell.routing import RoutedStream
+from polycell.stream_text import StreamText
 from polycell.thread import KillSwitch, install_interruptible_sleep, remove_interruptible_sleep
 
 __all__ = ["dask_setup", "interrupt_cell", "map_chunk", "run_cell"]
@@ -55,7 +56,6 @@ _sink: contextvars.ContextVar[Any] = contextvars.ContextVar("polycell_dask_sink"
 _install_lock = threading.Lock()
 _programs_captured = False
 #: Events are sent when this much stream text is buffered, or after this long.
-_EVENT_CHARS = 32_000
 _EVENT_SECONDS = 0.1
 #: IPython's traceback colours for a dask cell's error (ipykernel 7.4's default ``colors``).
 TRACEBACK_THEME = "neutral"
@@ -179,19 +179,13 @@ class _Sink:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.records: list[Record] = []
-        self._name = ""
-        self._parts: list[str] = []
-        self._size = 0
+        self._text = StreamText(self._emit_text)
 
     def write(self, name: str, text: str) -> None:
         if not text:
             return
         with self.lock:
-            if name != self._name:
-                self._flush_locked()
-                self._name = name
-            self._parts.append(text)
-            self._size += len(text)
+            self._text.add(name, text)
             self._wrote_locked()
 
     def append(self, record: Record) -> None:
@@ -204,13 +198,13 @@ class _Sink:
             self._flush_locked()
 
     def _wrote_locked(self) -> None:
-        if self._size >= _EVENT_CHARS:
-            self._flush_locked()
+        pass
 
     def _flush_locked(self) -> None:
-        if self._parts:
-            text, self._parts, self._size = "".join(self._parts), [], 0
-            self._emit_locked({"msg_type": "stream", "content": {"name": self._name, "text": text}})
+        self._text.flush()
+
+    def _emit_text(self, name: str, _tag: object, text: str) -> None:
+        self._emit_locked({"msg_type": "stream", "content": {"name": name, "text": text}})
 
     def _emit_locked(self, record: Record) -> None:
         self.records.append(record)
@@ -228,7 +222,7 @@ class _EventSink(_Sink):
         self._since = time.monotonic()
 
     def _wrote_locked(self) -> None:
-        if self._size >= _EVENT_CHARS or time.monotonic() - self._since >= _EVENT_SECONDS:
+        if time.monotonic() - self._since >= _EVENT_SECONDS:
             self._flush_locked()
         elif not self._timer_armed:
             # Text printed just before a long pause must not wait for the next print.
@@ -350,12 +344,13 @@ def run_cell(cell_bytes: bytes, names: dict[str, bytes], topic: str) -> dict[str
                 value = cell.run(namespace)
         finally:
             remove_interruptible_sleep()
-    except JobKilled:
-        status = "killed"
     except BaseException as exc:  # noqa: BLE001 - the cell's failure goes back to its notebook
-        status = "failed"
-        sink.append(_format_error(exc, cell.filename if cell is not None else ""))
-        exc_bytes, _ = _pack(exc)
+        if isinstance(exc, JobKilled) and switch.pulled:
+            status = "killed"
+        else:  # a JobKilled no kill raised (the cell awaited a killed job) is the cell's error
+            status = "failed"
+            sink.append(_format_error(exc, cell.filename if cell is not None else ""))
+            exc_bytes, _ = _pack(exc)
     finally:
         _sink.reset(token)
         with _running_lock:

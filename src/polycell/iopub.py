@@ -24,12 +24,11 @@ from typing import Any
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, Subscription
+from polycell.stream_text import StreamText
 
 __all__ = ["IOPubPublisher"]
 
 _STOP = object()
-#: Merged stream text is sent once it reaches this size even if more is queued.
-_MAX_MESSAGE_CHARS = 256_000
 
 
 class IOPubPublisher:
@@ -103,28 +102,21 @@ class IOPubPublisher:
     def _publish_batch(self, items: list[Any]) -> bool:
         """Send a batch; True when the publisher was asked to stop."""
         items = _coalesce_display_updates(items)
-        pending: tuple[int, dict[str, Any], str] | None = None
-        texts: list[str] = []
-        size = 0
-
-        def flush_stream() -> None:
-            nonlocal pending, texts, size
-            if pending is not None:
-                job_id, parent, name = pending
-                self._send(job_id, parent, "stream", {"name": name, "text": "".join(texts)})
-            pending, texts, size = None, [], 0
-
+        # Consecutive text of one job's stream for one request becomes one message.
+        text = StreamText(
+            lambda key, parent, joined: self._send(key[0], parent, "stream", {"name": key[2], "text": joined})
+        )
         for item in items:
             if item is _STOP:
-                flush_stream()
+                text.flush()
                 return True
             if isinstance(item, threading.Event):
-                flush_stream()
+                text.flush()
                 item.set()
                 continue
             job_id, parent, record, on_end = item
             if record is None:
-                flush_stream()
+                text.flush()
                 if on_end is not None:
                     try:
                         on_end()
@@ -132,18 +124,12 @@ class IOPubPublisher:
                         print(f"polycell: job {job_id} end update failed: {exc!r}", file=sys.__stderr__)
                 continue
             if record["msg_type"] == "stream" and "polycell" not in record:  # marked lines stay whole
-                key = (job_id, parent.get("msg_id", ""), record["content"]["name"])
-                if pending is None or (pending[0], pending[1].get("msg_id", ""), pending[2]) != key:
-                    flush_stream()
-                    pending = (job_id, parent, record["content"]["name"])
-                texts.append(record["content"]["text"])
-                size += len(texts[-1])
-                if size >= _MAX_MESSAGE_CHARS:
-                    flush_stream()
+                name = record["content"]["name"]
+                text.add((job_id, parent.get("msg_id", ""), name), record["content"]["text"], parent)
             else:
-                flush_stream()
+                text.flush()
                 self._send(job_id, parent, record["msg_type"], record["content"], record.get("polycell"))
-        flush_stream()
+        text.flush()
         return False
 
     def _send(

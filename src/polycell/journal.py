@@ -7,9 +7,10 @@ A record is a Jupyter iopub message without its envelope: ``{"msg_type":
 sending the records again, and nothing is lost in translation.
 
 Consecutive writes to the same stream are merged into one record (up to
-`chunk_chars`), so a job printing 100,000 lines keeps a few dozen records,
-not 100,000. When the journal grows past `max_chars`, the oldest records are
-dropped and the journal says so at its head.
+`chunk_chars`, by default `polycell.stream_text.STREAM_CHUNK_CHARS`), so a
+job printing 100,000 lines keeps a few dozen records, not 100,000. When
+the journal grows past `max_chars`, the oldest records are dropped and the
+journal says so at its head.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from polycell.stream_text import STREAM_CHUNK_CHARS
+
 __all__ = ["OutputJournal", "Record", "Subscription", "last_line", "stream_record"]
 
 Record = dict[str, Any]
@@ -27,7 +30,6 @@ Record = dict[str, Any]
 Follower = Callable[[Record | None], None]
 
 DEFAULT_MAX_CHARS = 16_000_000
-DEFAULT_CHUNK_CHARS = 64_000
 
 
 def stream_record(name: str, text: str) -> Record:
@@ -72,7 +74,7 @@ def _length(record: Record) -> int:
 class OutputJournal:
     """The ordered, bounded record of one job's output."""
 
-    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> None:
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, chunk_chars: int = STREAM_CHUNK_CHARS) -> None:
         self.max_chars = max_chars
         self.chunk_chars = chunk_chars
         self._records: deque[Record] = deque()

@@ -39,6 +39,7 @@ from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, last_line
 from polycell.journal_files import create_private, pid_alive, store_path
+from polycell.stream_text import StreamText
 from polycell.view import make_row
 
 __all__ = [
@@ -52,7 +53,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-_MAX_ROW_CHARS = 64_000
 #: Identifies this process's run even if the extension is unloaded and loaded again.
 _PROCESS_TOKEN = uuid.uuid4().hex
 _STOP = object()
@@ -220,8 +220,8 @@ class JournalStore:
     def _write_batch(self, batch: list[Any]) -> bool:
         """Write one batch in one transaction; True when asked to stop.
 
-        Consecutive text of one job's stream becomes one row (up to
-        `_MAX_ROW_CHARS`); this loop is the writer's whole cost, so it is kept tight.
+        Consecutive text of one job's stream becomes one row (`polycell.stream_text`);
+        this loop is the writer's whole cost, so it is kept tight.
         """
         rows: list[tuple[int, int, int, str, str]] = []
         jobs: dict[int, dict[str, Any]] = {}
@@ -229,19 +229,14 @@ class JournalStore:
         events: list[threading.Event] = []
         stop = False
         seqs, run, dumps = self._seqs, self.run, json.dumps
-        # The stream text being merged: its job, stream name, pieces and size.
-        held: list[str] = []
-        held_job, held_name, held_size = -1, "", 0
 
         def add(job_id: int, msg_type: str, content: dict[str, Any]) -> None:
             seq = seqs.get(job_id, 0)
             seqs[job_id] = seq + 1
             rows.append((run, job_id, seq, msg_type, dumps(content, default=str)))
 
-        def flush_stream() -> None:
-            if held:
-                add(held_job, "stream", {"name": held_name, "text": "".join(held)})
-
+        # Consecutive text of one job's stream becomes one row.
+        text = StreamText(lambda key, _tag, joined: add(key[0], "stream", {"name": key[1], "text": joined}))
         for item in batch:
             if item is _STOP:
                 stop = True  # a clean shutdown: the journal may go after journal_files' delay
@@ -252,15 +247,9 @@ class JournalStore:
             kind, job_id, payload = item
             if kind == "record" and payload["msg_type"] == "stream":
                 content = payload["content"]
-                text = content["text"]
-                if job_id != held_job or content["name"] != held_name or held_size >= _MAX_ROW_CHARS:
-                    flush_stream()
-                    held_job, held_name, held, held_size = job_id, content["name"], [], 0
-                held.append(text)
-                held_size += len(text)
+                text.add((job_id, content["name"]), content["text"])
                 continue
-            flush_stream()
-            held_job, held, held_size = -1, [], 0
+            text.flush()
             if kind == "record":
                 add(job_id, payload["msg_type"], payload["content"])
             elif kind == "job":
@@ -270,7 +259,7 @@ class JournalStore:
                 resets.append(job_id)
                 seqs[job_id] = 0
                 jobs[job_id] = payload
-        flush_stream()
+        text.flush()
         if not self._failed:
             try:
                 self._commit(resets, jobs, rows)
