@@ -14,11 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "polycell"
 #: 1 job engine (no Jupyter), 2 routing, 3 IPython layer, 4 kernel, 5 command line.
 LAYERS = {
     1: "job journal job_table interrupts thread task trio_task process fork child_pipe dask_runner "
-    "parallel_map map_backend map_threads map_processes map_dask map_items builtin_standin after_import "
-    "view cell stream_text",
-    2: "routing program_output job_figures rich_output iopub journal_store journal_files dask_worker",
+    "dask_cluster parallel_map map_backend map_threads map_processes map_dask map_items builtin_standin "
+    "after_import view cell stream_text",
+    2: "routing program_output job_figures rich_output iopub journal_store stored_jobs journal_files "
+    "dask_worker",
     3: "extension magics control",
-    4: "kernel kernelapp",
+    4: "kernel kernelapp out_of_queue",
     5: "cli kernel_link kernelspec headless notebook_run papermill_engine __main__ __init__",
 }
 LAYER = {module: layer for layer, names in LAYERS.items() for module in names.split()}
@@ -95,9 +96,8 @@ def test_imports_go_down_the_layers() -> None:
 def test_modules_are_readable_in_one_sitting() -> None:
     """About 400 lines; the ones still over are listed, and may only shrink."""
     over = {
-        "kernel": 610,
-        "dask_runner": 545,
-        "journal_store": 460,
+        "kernel": 445,  # the ipykernel subclass: each override is one of ipykernel's hooks
+        "dask_runner": 465,  # a task's two ways home (result and events) and its kill
     }
     for path in PACKAGE.glob("*.py"):
         lines = len(path.read_text().splitlines())

@@ -206,7 +206,7 @@ def cmd_top(link: KernelLink, once: bool, interval: float) -> int:
 
 
 def cmd_log(existing: str | None, job_id: int | None, run: int | None) -> int:
-    from polycell.journal_store import read_job, read_jobs, read_runs
+    from polycell.stored_jobs import read_job, read_jobs, read_runs
 
     path = find_store(existing)
     try:

@@ -1,8 +1,8 @@
 """Dask mode: a background cell runs as a task on a ``dask.distributed`` cluster.
 
-The cluster is, in order of preference: the client or address given to
-`polycell.use_dask`, the scheduler named by ``DASK_SCHEDULER_ADDRESS``, or a
-`LocalCluster` this runner starts on first use and closes at shutdown.
+The cluster (`polycell.dask_cluster.DaskCluster`) is the client or address
+given to `polycell.use_dask`, the scheduler named by ``DASK_SCHEDULER_ADDRESS``,
+or a `LocalCluster` started on first use and closed at shutdown.
 
 The notebook's namespace cannot travel, so the names the cell reads (its free
 variables that exist in the namespace) are cloudpickled in the kernel before
@@ -31,7 +31,6 @@ says so in its cell and reports ``kill requested, still blocked``.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 import time
 import uuid
@@ -40,25 +39,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polycell.cell import CellWork, CompiledCell
+from polycell.dask_cluster import DEFAULT_CONNECT_TIMEOUT, DaskCluster, require_distributed
 from polycell.interrupts import BackgroundThread, interrupts_blocked
 from polycell.job import Job, JobError, JobKilled, Runner, one_line
 
+# DEFAULT_CONNECT_TIMEOUT and require_distributed live in polycell.dask_cluster; they were
+# first defined here, and are still importable from here.
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DaskCell", "DaskRunner", "require_distributed"]
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-INSTALL_HINT = "dask mode needs dask.distributed, which is not installed: pip install polycell[dask]"
 #: How long to wait, after a task returned, for output events still on their way.
 _LATE_OUTPUT_SECONDS = 10.0
 #: After a kill, how long a started task gets to stop before the cell is told it is blocked.
 _KILL_GRACE_SECONDS = 0.5
-
-
-def require_distributed() -> None:
-    """JobError with the install command when ``distributed`` cannot be imported."""
-    try:
-        import distributed  # noqa: F401
-    except ImportError:
-        raise JobError(INSTALL_HINT) from None
 
 
 @dataclass
@@ -96,14 +88,9 @@ class DaskRunner(Runner):
     mode = "dask"
 
     def __init__(self) -> None:
-        require_distributed()
+        self.cluster = DaskCluster()
         #: Guards the tasks and the pools; never held while waiting on the network.
         self._lock = threading.RLock()
-        #: Held while connecting, which can take the whole connect timeout.
-        self._connect_lock = threading.Lock()
-        self._client: Any = None
-        self._cluster: Any = None
-        self._owns_client = False
         self._tasks: dict[int, _Task] = {}
         self._finish_pool: concurrent.futures.ThreadPoolExecutor | None = None
         #: Threads connecting, pickling and submitting a cell (`start`), and their jobs.
@@ -116,78 +103,12 @@ class DaskRunner(Runner):
 
     def use(self, client_or_address: Any = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Any:
         """Switch to a given `distributed.Client` or scheduler address (None: the default choice)."""
-        from distributed import Client
-
-        with self._connect_lock:
-            if isinstance(client_or_address, Client):
-                self._release()
-                self._client = client_or_address
-                return self._client
-            if client_or_address is not None and not isinstance(client_or_address, str):
-                raise JobError(
-                    "use_dask: give a distributed.Client or a scheduler address such as "
-                    f"'tcp://10.0.0.5:8786', not {type(client_or_address).__name__}"
-                )
-            self._release()
-            return self._connect(client_or_address, timeout)
+        return self.cluster.use(client_or_address, timeout=timeout)
 
     @property
     def client(self) -> Any:
         """The client, connected (or a LocalCluster started) on first use."""
-        with self._connect_lock:
-            if self._closed:
-                raise JobError("dask: this runner was shut down")
-            if self._client is None:
-                self._connect(None, DEFAULT_CONNECT_TIMEOUT)
-                if self._closed:  # shut down while this connected: nothing may use it now
-                    self._release()
-                    raise JobError("dask: this runner was shut down")
-            return self._client
-
-    def _connect(self, address: str | None, timeout: float) -> Any:
-        address = address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
-        # The client's threads, and a local cluster's processes, inherit the
-        # blocked SIGINT: the kernel's interrupt is the foreground's alone.
-        with interrupts_blocked():
-            return self._connect_unmasked(address, timeout)
-
-    def _connect_unmasked(self, address: str | None, timeout: float) -> Any:
-        from distributed import Client, LocalCluster
-
-        if address is None:
-            import logging
-
-            # Loopback only, the dashboards too (":0" would serve them on every interface;
-            # distributed 2024.x workers open theirs whatever `dashboard` says): a cluster
-            # anyone on the network can reach runs their code. For a wider one, users start
-            # it themselves and pass its client to `polycell.use_dask`.
-            self._cluster = LocalCluster(
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",
-                worker_dashboard_address="127.0.0.1:0",
-                silence_logs=logging.ERROR,
-                preload=["polycell.dask_worker"],  # its dask_setup: the kernel's interrupt is not theirs
-            )
-            self._client = Client(self._cluster, set_as_default=False)
-        else:
-            try:
-                self._client = Client(address, timeout=timeout, set_as_default=False)
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise JobError(
-                    f"dask: cannot reach the scheduler at {address} within {timeout:g} s ({one_line(exc)})"
-                ) from None
-        self._owns_client = True
-        return self._client
-
-    def _release(self) -> None:
-        client, cluster, owned = self._client, self._cluster, self._owns_client
-        self._client = self._cluster = None
-        self._owns_client = False
-        if owned and client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        return self.cluster.client
 
     # -- shipping a cell -------------------------------------------------------------------------
 
@@ -434,7 +355,7 @@ class DaskRunner(Runner):
         """Stop tracking the task: its timers, its topic. The job's state is the caller's to set."""
         with self._lock:
             self._tasks.pop(task.job.id, None)
-            client = self._client
+            client = self.cluster.current
         with task.lock:
             timers, task.timers = task.timers, []
         for timer in timers:
@@ -460,7 +381,7 @@ class DaskRunner(Runner):
 
         with self._lock:
             task = self._tasks.get(job.id)
-            client = self._client
+            client = self.cluster.current
         if task is None or client is None or task.future is None:
             # Not submitted (yet): `submit` sees the task is gone and cancels what it submits.
             if task is not None:
@@ -522,7 +443,7 @@ class DaskRunner(Runner):
         with self._lock:
             tasks = list(self._tasks.values())
             self._tasks.clear()
-            client = self._client
+            client = self.cluster.current
             pool, self._finish_pool = self._finish_pool, None
         if client is not None and tasks:
             try:
@@ -537,9 +458,4 @@ class DaskRunner(Runner):
             task.job.set_killed(JobKilled(f"job {task.job.id} was killed: the kernel shut down"))
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=False)
-        # A starter may still be connecting (up to its timeout): then it releases what it got.
-        if self._connect_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            try:
-                self._release()
-            finally:
-                self._connect_lock.release()
+        self.cluster.close(deadline - time.monotonic())
