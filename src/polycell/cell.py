@@ -14,12 +14,21 @@ import ast
 import asyncio
 import inspect
 import marshal
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, TracebackType
 from typing import Any
 
-__all__ = ["CellWork", "CompiledCell", "cell_traceback_start", "compile_cell", "compile_source", "free_names"]
+__all__ = [
+    "CellWork",
+    "CompiledCell",
+    "cell_traceback_start",
+    "compile_cell",
+    "compile_source",
+    "free_names",
+    "user_code_start",
+]
 
 
 @dataclass
@@ -282,11 +291,28 @@ def compile_source(source: str, filename: str, flags: int = 0) -> CompiledCell:
     return CompiledCell(source, filename, body, last_expr, is_async, assigned, free)
 
 
-def cell_traceback_start(tb: TracebackType | None, filename: str) -> TracebackType | None:
-    """The first traceback entry in the cell itself: polycell's own frames are noise."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _outside_polycell(code_file: str) -> bool:
+    return os.path.dirname(os.path.abspath(code_file)) != _PACKAGE_DIR
+
+
+def user_code_start(tb: TracebackType | None, filename: str | None = None) -> TracebackType | None:
+    """Where the user's code starts in a traceback; polycell's own frames above it are noise.
+
+    With `filename` (a cell's), the first entry in that cell; without, the first
+    entry outside polycell's package (a map's function). None when there is none.
+    """
     entry = tb
     while entry is not None:
-        if entry.tb_frame.f_code.co_filename == filename:
+        code_file = entry.tb_frame.f_code.co_filename
+        if code_file == filename if filename is not None else _outside_polycell(code_file):
             return entry
         entry = entry.tb_next
-    return tb
+    return None
+
+
+def cell_traceback_start(tb: TracebackType | None, filename: str) -> TracebackType | None:
+    """The first traceback entry in the cell itself, or the whole traceback if the cell has none."""
+    return user_code_start(tb, filename) or tb

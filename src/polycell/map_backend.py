@@ -11,7 +11,6 @@ order, draws the bar and ends the job. An item that raises fails the map with
 
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 import traceback
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from polycell.cell import user_code_start
 from polycell.job import Job, JobError, JobKilled
 from polycell.map_items import Chunk, ChunkFeed
 from polycell.thread import KillSwitch
@@ -106,14 +106,9 @@ class MapBackend:
         pass
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
 def user_traceback(exc: BaseException) -> str:
     """The item's traceback starting at the user's function: polycell's frames above it are noise."""
-    tb = exc.__traceback__
-    while tb is not None and os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) == _PACKAGE_DIR:
-        tb = tb.tb_next
+    tb = user_code_start(exc.__traceback__)
     if tb is None:
         return ""  # nothing of the user's ran (or no traceback at all): the one-line message says it
     return "".join(traceback.format_exception(type(exc), exc, tb))
