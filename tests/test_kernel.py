@@ -262,16 +262,22 @@ class _FakeShell:
 def test_execution_counts_never_collide_with_the_running_cell():
     shell = _FakeShell()
     counter = ExecutionCounter(shell)
-    assert counter.reserve("a") == 5  # main thread idle: the next count
-    assert shell.execution_count == 6
-    with counter.foreground():  # cell 6 runs
-        assert counter.reserve("b") == 7
-        assert counter.reserve("c") == 8
-        assert shell.execution_count == 6  # Out[6] stays 6 while it runs
-        assert shell.history_manager.stored == [(5, "a")]
-        shell.execution_count = 7  # IPython moves on when cell 6 ends
-    assert shell.execution_count == 9
-    assert shell.history_manager.stored == [(5, "a"), (7, "b"), (8, "c")]
+    try:
+        assert counter.reserve("a") == 5  # main thread idle: the next count
+        assert shell.execution_count == 6
+        with counter.foreground():  # cell 6 runs
+            # Its input is stored after the inputs counted before it: foreground() waited for them.
+            assert shell.history_manager.stored == [(5, "a")]
+            assert counter.reserve("b") == 7
+            assert counter.reserve("c") == 8
+            assert shell.execution_count == 6  # Out[6] stays 6 while it runs
+            shell.history_manager.store_inputs(6, "the foreground cell")  # as IPython's run_cell does
+            shell.execution_count = 7  # IPython moves on when cell 6 ends
+        assert shell.execution_count == 9
+        assert counter.stored(10)
+        assert shell.history_manager.stored == [(5, "a"), (6, "the foreground cell"), (7, "b"), (8, "c")]
+    finally:
+        counter.close()
 
 
 # -- background cells while the main thread is busy -----------------------------------------

@@ -15,7 +15,7 @@ import asyncio
 import inspect
 import marshal
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import CodeType, TracebackType
 from typing import Any
@@ -119,7 +119,9 @@ class CellWork:
     on_error: Callable[[BaseException], None] = _nothing
     on_end: Callable[[], None] = _nothing
     in_child: Callable[[], None] = _nothing
-    hidden: list[str] = field(default_factory=list)
+    #: The names of the namespace that are not the user's (IPython's ``In``, ``Out``...),
+    #: asked for only by a runner that ships names: a notebook's grow with every cell.
+    hidden: Callable[[], Iterable[str]] = tuple
 
     def run(self) -> Any:
         try:

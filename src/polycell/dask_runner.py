@@ -201,7 +201,7 @@ class DaskRunner(Runner):
             work.namespace.update(names)
             work.on_value(value)
 
-        return self.start(job, work.cell, work.namespace, work.hidden, finish)
+        return self.start(job, work.cell, work.namespace, work.hidden(), finish)
 
     def _submit_to(self, client: Any, job: Job, body: DaskCell) -> Job:
         from polycell.dask_worker import run_cell

@@ -23,6 +23,7 @@ from polycell.iopub import IOPubPublisher
 from polycell.job import Job, JobError, JobState, one_line
 from polycell.job_figures import install_job_figures, remove_job_figures, show_open_figures
 from polycell.job_table import JobTable, jobs
+from polycell.journal import Record
 from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
 from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
 from polycell.program_output import install_program_capture, remove_program_capture
@@ -154,10 +155,8 @@ class Polycell:
             mode = "task"
         mode = self.choose_mode(cell, mode)
         runner = self.jobs.runner(mode, backend)  # checks both, before any job exists
-        job = self.jobs.new_job(mode, name=name, source=raw_cell)
-        if backend is not None:
-            job.info["backend"] = backend
         shell, router = self.shell, self.router
+        job: Job
 
         def on_error(exc: BaseException) -> None:
             # Whatever a kill raises in the job (JobKilled, asyncio or trio cancellation)
@@ -177,10 +176,13 @@ class Polycell:
             on_error=on_error,
             on_end=show_open_figures,  # as the inline backend does when a cell ends
             in_child=in_child,
-            hidden=self._hidden_names(),  # what dask does not ship: IPython's own names
+            hidden=self._hidden_names,  # what dask does not ship: IPython's own names
         )
-        self.attach(job)
+        job = self.jobs.new_job(mode, name=name, source=raw_cell)
+        if backend is not None:
+            job.info["backend"] = backend
         try:
+            self.attach(job)
             runner.submit(job, work)
         except BaseException as exc:
             job.set_exception(exc)  # a job that could not start must not stay "pending"
@@ -190,7 +192,10 @@ class Polycell:
     def _hidden_names(self) -> list[str]:
         """Names not to ship: IPython's own (In, Out, exit...) and `jobs`, while still theirs."""
         ns, hidden = self.shell.user_ns, self.shell.user_ns_hidden
-        names = [n for n, v in hidden.items() if n in ns and ns[n] is v]
+        # A snapshot (taken at once, under the GIL): another thread may be storing an input,
+        # whose `_iN` names IPython adds to both.
+        absent = object()
+        names = [n for n, v in list(hidden.items()) if ns.get(n, absent) is v]
         if ns.get("jobs") is self.jobs:
             names.append("jobs")
         return names
@@ -207,15 +212,15 @@ class Polycell:
         parent = self.shell.parent_header
         handle = JobHandle(job)
 
-        def show(msg_type: str) -> None:
+        def handle_record(msg_type: str) -> Record:
             transient = {"display_id": handle.display_id}
             content = {"data": handle.bundle(), "metadata": {}, "transient": transient}
             # The status also goes in the message's metadata (see polycell.iopub).
             state = {"handle": True, "status": job.status.value}
-            self.publisher.send(job.id, parent, {"msg_type": msg_type, "content": content, "polycell": state})
+            return {"msg_type": msg_type, "content": content, "polycell": state}
 
         def update() -> None:
-            show("update_display_data")
+            self.publisher.send(job.id, parent, handle_record("update_display_data"))
 
         # A notebook (JupyterLab, Notebook 7) sends the cell's id with each request and
         # redraws the handle when it is updated; a terminal front end (jupyter console)
@@ -237,12 +242,11 @@ class Polycell:
             # has printed nothing, and that flush is a wait for ipykernel's iopub thread.)
             sys.stdout.flush()
             sys.stderr.flush()
-        # Through the publisher, like every later update: in order with them. Then
-        # wait until it is handed to the socket, so that it comes before the cell's
-        # reply and idle status: a front end that stops listening to a cell at its
-        # idle (nbclient, papermill) still records the handle.
-        show("display_data")
-        self.publisher.flush(_HANDLE_FLUSH_SECONDS)
+        # Sent from this thread, before the cell's reply and idle status (a front end
+        # that stops listening to a cell at its idle, nbclient or papermill, still
+        # records it), and before anything for this cell is queued: every later update
+        # and every output goes through the publisher, after it.
+        self.publisher.send_now(job.id, parent, handle_record("display_data"))
 
         job.add_state_listener(lambda changed: None if changed.done else update())
         # The final update is sent after the job's last output, so the handle never
@@ -254,8 +258,6 @@ class Polycell:
             self.publisher.flush(_REPLAY_FLUSH_SECONDS)
 
 
-#: How long starting a job waits for its handle to be sent (only a stuck socket takes that long).
-_HANDLE_FLUSH_SECONDS = 2.0
 #: How long ``%job show`` waits for its replay to be sent (a journal of many megabytes takes that long).
 _REPLAY_FLUSH_SECONDS = 10.0
 

@@ -71,6 +71,16 @@ class IOPubPublisher:
         """Queue one record for a cell, in order with the job's journal output."""
         self._queue.put((job_id, parent, record, None))
 
+    def send_now(self, job_id: int, parent: dict[str, Any], record: Record) -> None:
+        """Send one record from the calling thread, ahead of what is queued.
+
+        Only for a record nothing queued may precede: the first message of a
+        cell that follows a job (its handle), sent before the cell's reply
+        without waiting for this publisher's thread. The iopub socket takes
+        messages from any thread (ipykernel's sends them on from its own).
+        """
+        self._send(job_id, parent, record["msg_type"], record["content"], record.get("polycell"))
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far has been handed to the socket."""
         done = threading.Event()

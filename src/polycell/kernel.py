@@ -412,6 +412,7 @@ class PolycellKernel(_Ipykernel74):
     def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """End every job, saying so in its cell, before the kernel goes."""
         self.end_jobs("kernel restarting" if restart else "kernel shutting down")
+        self.counter.close()
         self._really_restore_input()
         return super().do_shutdown(restart)
 

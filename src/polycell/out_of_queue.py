@@ -10,13 +10,17 @@ the foreground cell's. Nothing here touches a socket: `polycell.kernel` does.
 
 from __future__ import annotations
 
+import queue
 import re
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from polycell.interrupts import BackgroundThread
 
 __all__ = ["ExecutionCounter", "MainThreadQueue", "OutOfQueue", "out_of_queue_action", "requested_mode"]
 
@@ -95,6 +99,12 @@ class ExecutionCounter:
     cell N runs takes N+1 (then N+2...), and the shell's count moves past them
     when cell N ends, so ``In[N]``/``Out[N]`` of the running cell stay N and the
     history stays in order. With the main thread idle it simply takes the next count.
+
+    The inputs go into IPython's history from a thread of this counter's, in
+    count order: IPython's history thread holds the input cache's lock while it
+    commits to SQLite, and the shell channel thread, which starts every
+    background cell, must not wait for a disk. A foreground cell first waits
+    until they are stored, so its own input comes after them, as its count does.
     """
 
     def __init__(self, shell: Any) -> None:
@@ -103,6 +113,8 @@ class ExecutionCounter:
         self._foreground = False
         self._base = 0
         self._deferred: list[tuple[int, str]] = []
+        self._inputs: queue.SimpleQueue[tuple[int, str] | threading.Event | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     @contextmanager
     def foreground(self) -> Iterator[None]:
@@ -110,6 +122,7 @@ class ExecutionCounter:
         with self._lock:
             self._foreground = True
             self._base = self.shell.execution_count
+        self.stored()
         try:
             yield
         finally:
@@ -117,7 +130,7 @@ class ExecutionCounter:
                 self._foreground = False
                 deferred, self._deferred = self._deferred, []
                 for count, code in deferred:
-                    self.shell.history_manager.store_inputs(count, code)
+                    self._store(count, code)
                 if deferred:
                     last = deferred[-1][0]
                     self.shell.execution_count = max(self.shell.execution_count, last + 1)
@@ -130,9 +143,42 @@ class ExecutionCounter:
                 self._deferred.append((count, code))
                 return count
             count = self.shell.execution_count
-            self.shell.history_manager.store_inputs(count, code)
+            self._store(count, code)
             self.shell.execution_count = count + 1
             return count
+
+    def stored(self, timeout: float = 5.0) -> bool:
+        """Wait until every input handed over so far is in IPython's history."""
+        if self._writer is None:
+            return True
+        done = threading.Event()
+        self._inputs.put(done)
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Store what is left, then end the writer thread."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._inputs.put(None)
+            writer.join(timeout)
+
+    def _store(self, count: int, code: str) -> None:
+        """Hand one input to the writer (under `_lock`, so inputs queue in count order)."""
+        if self._writer is None:
+            self._writer = BackgroundThread(target=self._write, name="polycell-history", daemon=True)
+            self._writer.start()
+        self._inputs.put((count, code))
+
+    def _write(self) -> None:
+        while (item := self._inputs.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self.shell.history_manager.store_inputs(*item)
+            except Exception as exc:  # noqa: BLE001 - a history that fails loses a line, not the kernel
+                print(f"polycell: input {item[0]} not stored in the history: {exc!r}", file=sys.__stderr__)
 
 
 # -- the main thread's queue ----------------------------------------------------------------
