@@ -34,7 +34,7 @@ import concurrent.futures
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +93,7 @@ class DaskRunner(Runner):
         self._lock = threading.RLock()
         self._tasks: dict[int, _Task] = {}
         self._finish_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        #: Threads connecting, pickling and submitting a cell (`start`), and their jobs.
+        #: Threads connecting, pickling and submitting a cell (`submit`), and their jobs.
         self._starters: dict[threading.Thread, Job] = {}
         #: Set by `shutdown`: nothing connects or submits any more.
         self._closed = False
@@ -110,37 +110,25 @@ class DaskRunner(Runner):
         """The client, connected (or a LocalCluster started) on first use."""
         return self.cluster.client
 
-    # -- shipping a cell -------------------------------------------------------------------------
-
     @staticmethod
-    def ship(cell: CompiledCell, namespace: dict[str, Any], hidden: Iterable[str] = ()) -> DaskCell:
-        """Pickle the cell and the names it reads; JobError naming a value that will not pickle."""
+    def ship(cell: CompiledCell, values: dict[str, Any]) -> DaskCell:
+        """Pickle the cell and the values of the names it reads; JobError naming one that will not pickle."""
         import cloudpickle
 
-        hidden_names = set(hidden)
         names: dict[str, bytes] = {}
-        for name in cell.free:
-            if name not in namespace or name in hidden_names:
-                continue
+        for name, value in values.items():
             try:
-                names[name] = cloudpickle.dumps(namespace[name])
+                names[name] = cloudpickle.dumps(value)
             except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's to see
                 raise JobError(
-                    f"%%bg --mode dask: cannot send {name!r} ({type(namespace[name]).__name__}) to the "
+                    f"%%bg --mode dask: cannot send {name!r} ({type(value).__name__}) to the "
                     f"cluster: it cannot be pickled ({one_line(exc)})"
                 ) from None
         return DaskCell(cloudpickle.dumps(cell), names)
 
     # -- running ------------------------------------------------------------------------------------
 
-    def start(
-        self,
-        job: Job,
-        cell: CompiledCell,
-        namespace: dict[str, Any],
-        hidden: Iterable[str],
-        finish: Callable[[Any, dict[str, Any]], None],
-    ) -> Job:
+    def submit(self, job: Job, work: CellWork) -> Job:
         """Start a cell's job; connecting, pickling and submitting happen on a thread of their own.
 
         Those can take seconds (a scheduler that does not answer until the
@@ -149,14 +137,15 @@ class DaskRunner(Runner):
         request. The values of the names the cell reads are taken now, so a
         foreground cell that rebinds one afterwards does not change what is
         sent. What fails on the way (an unreachable scheduler, a value that
-        will not pickle) fails the job, with one line in its cell.
+        will not pickle) fails the job, with one line in its cell. The names the
+        cell assigns come back into its namespace.
         """
         context = self._prepare(job)  # what the starter prints (a warning, say) is the job's too
-        skip = set(hidden)
-        values = {name: namespace[name] for name in cell.free if name in namespace and name not in skip}
+        namespace, skip = work.namespace, set(work.hidden())
+        values = {name: namespace[name] for name in work.cell.free if name in namespace and name not in skip}
         starter = BackgroundThread(
             target=context.run,
-            args=(self._ship_and_submit, job, cell, values, finish),
+            args=(self._ship_and_submit, job, work, values),
             name=f"polycell-dask-start-{job.id}",
             daemon=True,
         )
@@ -167,20 +156,18 @@ class DaskRunner(Runner):
             self._starters[starter] = job
         return job
 
-    def _ship_and_submit(
-        self,
-        job: Job,
-        cell: CompiledCell,
-        values: dict[str, Any],
-        finish: Callable[[Any, dict[str, Any]], None],
-    ) -> None:
+    def _ship_and_submit(self, job: Job, work: CellWork, values: dict[str, Any]) -> None:
+        def finish(value: Any, names: dict[str, Any]) -> None:
+            work.namespace.update(names)
+            work.on_value(value)
+
         try:
             if job.done or job.kill_requested:  # killed while waiting to start
                 job.set_killed()
                 return
             try:
                 client = self.client  # connect (or start the local cluster) on first use
-                body = self.ship(cell, values)
+                body = self.ship(work.cell, values)
                 body.finish = finish
                 self._submit_to(client, job, body)
             except Exception as exc:  # noqa: BLE001 - whatever it is, the job's cell says it
@@ -193,15 +180,6 @@ class DaskRunner(Runner):
         finally:
             with self._lock:
                 self._starters.pop(threading.current_thread(), None)
-
-    def submit(self, job: Job, work: CellWork) -> Job:
-        """A cell's job: see `start`. The names it assigns come back into its namespace."""
-
-        def finish(value: Any, names: dict[str, Any]) -> None:
-            work.namespace.update(names)
-            work.on_value(value)
-
-        return self.start(job, work.cell, work.namespace, work.hidden(), finish)
 
     def _submit_to(self, client: Any, job: Job, body: DaskCell) -> Job:
         from polycell.dask_worker import run_cell
