@@ -76,14 +76,31 @@ def _cli_jobs(session: KernelSession) -> float:
 
 
 def run() -> list[Row]:
+    """Bars (issue 15): a job's 100,000 lines reach their cell no slower than the same loop in a
+    stock ipykernel's foreground cell, and the disk journal costs at most a fifth more."""
     rows = []
     bench = "100k-line job"
+    session = KernelSession(stock_kernel_argv(), load_ext=False)
+    try:
+        _fg_flood(session)
+        foreground = min(_fg_flood(session) for _ in range(2))
+    finally:
+        session.close()
     with _env(POLYCELL_STORE_MAX_MB="0"):
         session = KernelSession(stock_kernel_argv(), load_ext=True)
     try:
         _bg_flood(session)
         value = min(_bg_flood(session) for _ in range(2))
-        rows.append(Row(bench, "%%bg, no disk store", value, "s"))
+        rows.append(
+            Row(
+                bench,
+                "%%bg, no disk store",
+                value,
+                "s",
+                f"<= stock fg ({foreground:.2f}s)",
+                value <= foreground,
+            )
+        )
     finally:
         session.close()
     session = KernelSession(stock_kernel_argv(), load_ext=True)
@@ -96,20 +113,16 @@ def run() -> list[Row]:
                 "%%bg + disk store",
                 with_store,
                 "s",
-                f"<= 1.5x no store ({value:.2f}s)",
-                with_store <= 1.5 * value,
+                f"<= 1.2x no store ({value:.2f}s)",
+                with_store <= 1.2 * value,
+                {"ratio": round(with_store / value, 2)},
             )
         )
         cli = _cli_jobs(session)
         rows.append(Row("polycell jobs, main busy", "new process + control", cli, "s", "< 1 s", cli < 1.0))
     finally:
         session.close()
-    session = KernelSession(stock_kernel_argv(), load_ext=False)
-    try:
-        _fg_flood(session)
-        rows.append(Row(bench, "stock ipykernel, fg", min(_fg_flood(session) for _ in range(2)), "s"))
-    finally:
-        session.close()
+    rows.append(Row(bench, "stock ipykernel, fg", foreground, "s"))
     return rows
 
 

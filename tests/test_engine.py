@@ -12,7 +12,7 @@ import pytest
 from polycell.builtin_standin import BuiltinStandIn
 from polycell.job import Job, JobError, JobKilled, JobState, KillOutcome, current_job
 from polycell.job_table import JobTable
-from polycell.journal import OutputJournal
+from polycell.journal import OutputJournal, StreamRun
 
 
 @pytest.fixture
@@ -198,13 +198,17 @@ def test_journal_follow_has_no_gap_and_no_duplicate():
         if record is None:
             ended.set()
         else:
-            seen.append(record["content"]["text"])
+            seen.append(record)
 
     sub = journal.follow(follower)
     thread.join(30)
     if not sub.ended:
         assert ended.wait(10)
-    text = "".join(r["content"]["text"] for r in sub.snapshot) + "".join(seen)
+    # Never taken while the writer wrote: every write after the snapshot is in one run.
+    assert len(seen) <= 1 and all(isinstance(run, StreamRun) for run in seen)
+    text = "".join(r["content"]["text"] for r in sub.snapshot) + "".join(
+        run.take()["content"]["text"] for run in seen
+    )
     assert text == "".join(f"{i}\n" for i in range(20_000))
 
 

@@ -144,9 +144,10 @@ def test_a_clean_run_exits_0_and_a_job_past_the_timeout_is_killed(env, tmp_path)
 
 
 def test_ctrl_c_kills_the_kernels_jobs_and_saves_what_it_has(env, tmp_path):
+    printed = tmp_path / "printed"  # made by the job once it has printed: only then the Ctrl-C
     notebook = write_notebook(
         tmp_path / "long.ipynb",
-        ["%%bg --name long\nimport time\nprint('working')\ntime.sleep(300)"],
+        [f"%%bg --name long\nimport time\nprint('working')\nopen({str(printed)!r}, 'w')\ntime.sleep(300)"],
         "polycell",
     )
     out = tmp_path / "long-out.ipynb"
@@ -165,8 +166,11 @@ def test_ctrl_c_kills_the_kernels_jobs_and_saves_what_it_has(env, tmp_path):
             line = proc.stderr.readline()
             assert line and time.monotonic() < deadline, seen
             seen += line
+        while not printed.exists():
+            assert time.monotonic() < deadline, "the job did not print"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=60)
+        shown, rest = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -174,7 +178,7 @@ def test_ctrl_c_kills_the_kernels_jobs_and_saves_what_it_has(env, tmp_path):
     assert proc.returncode == 130, seen + rest
     assert "interrupted: the kernel's jobs were killed" in rest
     (cell,) = outputs(out)
-    assert text_of(cell) == "working\n"
+    assert text_of(cell) == "working\n", shown
     assert "killed after" in handle(cell)
 
 

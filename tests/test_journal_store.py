@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import queue
 import sqlite3
 import threading
+from typing import Any
 
 from polycell.control import answer
 from polycell.job import Job
 from polycell.job_table import JobTable
-from polycell.journal import OutputJournal
+from polycell.journal import OutputJournal, StreamRun
 from polycell.journal_store import JournalStore, read_job, read_jobs
 
 
@@ -172,9 +174,12 @@ def test_replaying_follower_sees_snapshot_then_live_in_order():
         got: list[str] = []
         while not journal.text():
             pass
-        sub = journal.follow(lambda r: got.append(r["content"]["text"]) if r else None, replay=True)
+        # As a follower's thread does: take each run of text while the writer adds to it.
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        sub = journal.follow(lambda r: items.put(r) if r else None, replay=True)
         while len("".join(got).splitlines()) < 5000:
-            pass
+            item = items.get(timeout=30)
+            got.append((item.take() if isinstance(item, StreamRun) else item)["content"]["text"])
     finally:
         stop.set()
         thread.join()

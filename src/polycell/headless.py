@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from polycell.interrupts import interrupts_blocked
+from polycell.interrupts import ctrl_c_deferred
 
 __all__ = ["FINAL_STATUSES", "OUTPUT_TYPES", "FollowJobs", "JobOutcome", "JobWatch", "Settled"]
 
@@ -213,7 +213,7 @@ class FollowJobs:
         Ctrl-C waits until this is done: messages taken from the watch and not yet
         in their cell would be lost, and the interrupted run saves what it has.
         """
-        with interrupts_blocked():  # a Ctrl-C meanwhile lands after it
+        with ctrl_c_deferred():  # a Ctrl-C meanwhile lands after it
             self._apply_late_output()
 
     def _apply_late_output(self) -> None:

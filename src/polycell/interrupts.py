@@ -45,7 +45,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["BackgroundThread", "InterruptWaker", "interrupts_blocked", "reset_interrupts_in_child"]
+__all__ = [
+    "BackgroundThread",
+    "InterruptWaker",
+    "ctrl_c_deferred",
+    "interrupts_blocked",
+    "reset_interrupts_in_child",
+]
 
 _CAN_MASK = hasattr(signal, "pthread_sigmask")
 #: The signal that wakes the main thread: a Linux real-time signal, used by nothing in Jupyter.
@@ -63,6 +69,30 @@ def interrupts_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """In the main thread, hold Ctrl-C back for the body, then deliver it.
+
+    Blocking SIGINT in the main thread is not enough: the OS hands the signal
+    to any thread that does not block it (a library's), and Python then raises
+    KeyboardInterrupt in the main thread at its next instruction, in the middle
+    of the body. So the handler itself is swapped for one that only notes it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if arrived and callable(previous):
+            previous(signal.SIGINT, None)
+        elif arrived and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
 
 
 class BackgroundThread(threading.Thread):

@@ -4,7 +4,8 @@ Each follower of a job's journal is a (job, parent header) pair: the cell that
 started the job, and every cell that ran ``%job show N`` later. Records are
 queued here by the writing thread and sent by one publisher thread, which
 merges consecutive stream text for the same cell, so a job printing in a tight
-loop produces a few messages per flush rather than one per line, in order.
+loop produces a message per batch (at most one batch per 10 ms) rather than
+one per line, in order.
 
 Every message carries ``metadata.polycell.job = N`` so front ends and tools can
 tell whose output it is. A record may add to it (its ``"polycell"`` key): the
@@ -18,17 +19,20 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job
-from polycell.journal import Record, Subscription
+from polycell.journal import Record, StreamRun, Subscription
 from polycell.stream_text import StreamText
 
 __all__ = ["IOPubPublisher"]
 
 _STOP = object()
+#: The shortest time between two batches of messages (ipykernel's own streams flush every 0.2 s).
+_BATCH_SECONDS = 0.01
 
 
 class IOPubPublisher:
@@ -52,7 +56,7 @@ class IOPubPublisher:
         `on_end` runs in the publisher thread after the job's last record was sent.
         """
 
-        def enqueue(record: Record | None) -> None:
+        def enqueue(record: Record | StreamRun | None) -> None:
             if record is None:
                 self._cancels.pop(id(enqueue), None)
             self._queue.put((job.id, parent, record, on_end if record is None else None))
@@ -68,8 +72,15 @@ class IOPubPublisher:
         return sub
 
     def send(self, job_id: int, parent: dict[str, Any], record: Record) -> None:
-        """Queue one record for a cell, in order with the job's journal output."""
-        self._queue.put((job_id, parent, record, None))
+        """Queue one record for a cell, in order with the job's journal output.
+
+        From this publisher's thread (an `on_end`), it is sent at once: in order,
+        and before a `flush` queued meanwhile says all is sent.
+        """
+        if threading.current_thread() is self._thread:
+            self.send_now(job_id, parent, record)
+        else:
+            self._queue.put((job_id, parent, record, None))
 
     def send_now(self, job_id: int, parent: dict[str, Any], record: Record) -> None:
         """Send one record from the calling thread, ahead of what is queued.
@@ -96,8 +107,16 @@ class IOPubPublisher:
     # -- the publisher thread ------------------------------------------------------------
 
     def _serve(self) -> None:
+        sent_at = 0.0
         while True:
             items = [self._queue.get()]
+            # Output after a quiet spell goes at once; a flood goes in batches, one per
+            # `_BATCH_SECONDS`, each taking all its runs of text at once: the job's thread
+            # runs instead of handing the GIL to this one for every few lines.
+            wait = sent_at + _BATCH_SECONDS - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            sent_at = time.monotonic()
             while True:
                 try:
                     items.append(self._queue.get_nowait())
@@ -111,7 +130,7 @@ class IOPubPublisher:
 
     def _publish_batch(self, items: list[Any]) -> bool:
         """Send a batch; True when the publisher was asked to stop."""
-        items = _coalesce_display_updates(items)
+        items = _coalesce_display_updates([_taken(item) for item in items])
         # Consecutive text of one job's stream for one request becomes one message.
         text = StreamText(
             lambda key, parent, joined: self._send(key[0], parent, "stream", {"name": key[2], "text": joined})
@@ -162,6 +181,14 @@ class IOPubPublisher:
             )
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop all output
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)
+
+
+def _taken(item: Any) -> Any:
+    """A queued journal item with its run of stream text (`StreamRun`) taken as one record."""
+    if isinstance(item, tuple) and isinstance(item[2], StreamRun):
+        job_id, parent, run, on_end = item
+        return (job_id, parent, run.take(), on_end)
+    return item
 
 
 def _coalesce_display_updates(items: list[Any]) -> list[Any]:

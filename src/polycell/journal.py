@@ -23,11 +23,12 @@ from typing import Any
 
 from polycell.stream_text import STREAM_CHUNK_CHARS
 
-__all__ = ["OutputJournal", "Record", "Subscription", "last_line", "stream_record"]
+__all__ = ["OutputJournal", "Record", "StreamRun", "Subscription", "last_line", "stream_record"]
 
 Record = dict[str, Any]
-#: A follower is called with each new record, then once with None when the job ends.
-Follower = Callable[[Record | None], None]
+#: A follower is called with each new record (consecutive stream text as one `StreamRun`),
+#: then once with None when the job ends.
+Follower = Callable[["Record | StreamRun | None"], None]
 
 DEFAULT_MAX_CHARS = 16_000_000
 
@@ -84,7 +85,7 @@ class OutputJournal:
         self._open_chars = 0
         self._size = 0
         self._lock = threading.Lock()
-        self._followers: list[Follower] = []
+        self._followers: list[_Follower] = []
         self._closed = False
         self.dropped_records = 0
         self.dropped_chars = 0
@@ -103,8 +104,19 @@ class OutputJournal:
             self._store(record)
             # Called under the lock so that followers see records in journal order
             # even when several threads write; followers must only enqueue.
-            for follower in self._followers:
-                follower(record)
+            if record["msg_type"] == "stream" and len(record) == 2:
+                name, text = record["content"]["name"], record["content"]["text"]
+                for follower in self._followers:
+                    run = follower.run
+                    if run is not None and run.name == name:
+                        run.parts.append(text)  # already queued: its taker gets this too
+                    else:
+                        follower.run = StreamRun(self._lock, follower, name, [text])
+                        follower.callback(follower.run)
+            else:
+                for follower in self._followers:
+                    follower.run = None
+                    follower.callback(record)
 
     def _store(self, record: Record) -> None:
         last = self._records[-1] if self._records else None
@@ -143,7 +155,7 @@ class OutputJournal:
                 return
             self._closed = True
             for follower in self._followers:
-                follower(None)
+                follower.callback(None)
             self._followers = []
 
     @property
@@ -190,7 +202,7 @@ class OutputJournal:
                     size += len(record["content"]["text"])
         return "".join(parts)[-max_chars:]
 
-    def follow(self, follower: Follower, *, replay: bool = False) -> Subscription:
+    def follow(self, callback: Follower, *, replay: bool = False) -> Subscription:
         """Snapshot the journal and subscribe to what comes after, atomically.
 
         Nothing is missed and nothing is seen twice between the snapshot and the
@@ -201,13 +213,14 @@ class OutputJournal:
         under the journal's lock: a follower that queues records then has the
         snapshot queued before any live record a concurrent writer appends.
         """
+        follower = _Follower(callback)
         with self._lock:
             self._seal()
             snapshot = self._head() + list(self._records)
             ended = self._closed
             if replay:
                 for record in snapshot:
-                    follower(record)
+                    callback(record)
             if not ended:
                 self._followers.append(follower)
 
@@ -269,6 +282,44 @@ class OutputJournal:
                 position, offset = len(records) - 1, _length(records[-1])
             at_end = not records or (position == len(records) - 1 and offset >= _length(records[-1]))
             return out, first + position, offset, self._closed and at_end
+
+
+class StreamRun:
+    """Stream text a follower has been told of and has not taken yet: one queue item per run.
+
+    A job printing in a tight loop writes thousands of times between two
+    wake-ups of a follower's thread. The follower is called once, with this,
+    at the first write of a run of one stream; the writes after it are added
+    here, under the journal's lock, until the follower's thread `take`s it or
+    another record ends the run. So a follower's queue holds one item per run
+    of text, in journal order, and its thread joins the text once.
+    """
+
+    __slots__ = ("_follower", "_lock", "name", "parts")
+
+    def __init__(self, lock: threading.Lock, follower: _Follower, name: str, parts: list[str]) -> None:
+        self._lock = lock
+        self._follower = follower
+        self.name = name
+        self.parts = parts
+
+    def take(self) -> Record:
+        """The run's text so far, as one stream record; later writes start a new run."""
+        with self._lock:
+            if self._follower.run is self:
+                self._follower.run = None
+            parts, self.parts = self.parts, []
+        return stream_record(self.name, "".join(parts))
+
+
+class _Follower:
+    """A follower's callback, and the run of text it was told of and has not taken."""
+
+    __slots__ = ("callback", "run")
+
+    def __init__(self, callback: Follower) -> None:
+        self.callback = callback
+        self.run: StreamRun | None = None
 
 
 @dataclass(frozen=True)

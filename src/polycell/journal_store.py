@@ -37,7 +37,7 @@ from typing import Any
 
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job
-from polycell.journal import Record
+from polycell.journal import Record, StreamRun
 from polycell.journal_files import create_private, store_path
 from polycell.stored_jobs import StoredJob, read_job, read_jobs, read_runs
 from polycell.stream_text import StreamText
@@ -171,7 +171,7 @@ class JournalStore:
         # The hot path of a printing job: one deque append and a length check.
         pending, wake, limit, job_id = self._pending, self._wake, self.batch_records, job.id
 
-        def follow(record: Record | None) -> None:
+        def follow(record: Record | StreamRun | None) -> None:
             if record is not None:
                 pending.append(("record", job_id, record))
                 if len(pending) >= limit:
@@ -245,6 +245,8 @@ class JournalStore:
                 events.append(item)
                 continue
             kind, job_id, payload = item
+            if isinstance(payload, StreamRun):
+                payload = payload.take()
             if kind == "record" and payload["msg_type"] == "stream":
                 content = payload["content"]
                 text.add((job_id, content["name"]), content["text"])

@@ -115,6 +115,9 @@ class ExecutionCounter:
         self._deferred: list[tuple[int, str]] = []
         self._inputs: queue.SimpleQueue[tuple[int, str] | threading.Event | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        #: Inputs handed to the writer, and inputs it has stored: equal when it has nothing to do.
+        self._handed = 0
+        self._written = 0
 
     @contextmanager
     def foreground(self) -> Iterator[None]:
@@ -149,8 +152,8 @@ class ExecutionCounter:
 
     def stored(self, timeout: float = 5.0) -> bool:
         """Wait until every input handed over so far is in IPython's history."""
-        if self._writer is None:
-            return True
+        if self._writer is None or self._written == self._handed:
+            return True  # the usual case: no wait for the writer's thread
         done = threading.Event()
         self._inputs.put(done)
         return done.wait(timeout)
@@ -168,6 +171,7 @@ class ExecutionCounter:
         if self._writer is None:
             self._writer = BackgroundThread(target=self._write, name="polycell-history", daemon=True)
             self._writer.start()
+        self._handed += 1
         self._inputs.put((count, code))
 
     def _write(self) -> None:
@@ -179,6 +183,7 @@ class ExecutionCounter:
                 self.shell.history_manager.store_inputs(*item)
             except Exception as exc:  # noqa: BLE001 - a history that fails loses a line, not the kernel
                 print(f"polycell: input {item[0]} not stored in the history: {exc!r}", file=sys.__stderr__)
+            self._written += 1  # only this thread writes it
 
 
 # -- the main thread's queue ----------------------------------------------------------------
