@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 import psutil
+
 from harness import POLYCELL_KERNEL, KernelSession, Row, print_rows
 
 JOBS = 1000
