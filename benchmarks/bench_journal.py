@@ -76,7 +76,7 @@ def _cli_jobs(session: KernelSession) -> float:
 
 
 def run() -> list[Row]:
-    """Bars (issue 15): a job's 100,000 lines reach their cell no slower than the same loop in a
+    """Bars: a job's 100,000 lines reach their cell no slower than the same loop in a
     stock ipykernel's foreground cell, and the disk journal costs at most a fifth more."""
     rows = []
     bench = "100k-line job"
