@@ -5,7 +5,7 @@ Measured side by side in one run:
 - the polycell kernel, and stock ipykernel with the polycell extension, idle: median
   round trip of a trivial cell; then while 2 CPU-bound ``%%bg`` jobs (busy loops) run,
   in thread mode (threads share the GIL: bar <= 3x idle) and in process mode (each
-  job on its own core: bar <= 1.2x idle);
+  job on its own core: bar <= 1.2x idle), the worst of 5 medians;
 - async-kernel, idle and while 2 ``# thread`` cells run the same loop;
 - stock ipykernel (no polycell), idle, for reference;
 - stock ipykernel where the same CPU work runs as 2 foreground cells: the trivial
@@ -23,6 +23,8 @@ from harness import POLYCELL_KERNEL, KernelSession, Row, median_round_trip, prin
 
 BENCH = "foreground round trip"
 SAMPLES = 50
+#: The thread and process rows measure this many medians of SAMPLES each and report the worst.
+ROUNDS = 5
 JOBS = 2
 CPU_SECONDS = 1.0  # per CPU cell in the stock-ipykernel reference
 
@@ -61,7 +63,9 @@ def _under_load(session: KernelSession, label: str, idle: float, mode: str, rows
     for _ in range(JOBS):
         session.run(f"%%bg --mode {mode} --name busy\n_bench_cpu()")
     _wait_running(session, range(first, first + JOBS))
-    busy = median_round_trip(session, "1", n=SAMPLES)
+    # Responsive in every run, not in a good one: the worst of ROUNDS medians is the figure.
+    medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
+    busy = max(medians)
     for job_id in range(first, first + JOBS):
         session.run(f"%job kill {job_id}")
         session.wait_job_end(job_id, timeout=60)
@@ -73,9 +77,13 @@ def _under_load(session: KernelSession, label: str, idle: float, mode: str, rows
             f"{JOBS} {mode} jobs, {label}",
             _ms(busy),
             "ms",
-            f"<= {bar:g}x idle",
+            f"<= {bar:g}x idle, worst of {ROUNDS}",
             ratio <= bar,
-            {"ratio": round(ratio, 2), "idle_ms": round(_ms(idle), 3)},
+            {
+                "ratio": round(ratio, 2),
+                "idle_ms": round(_ms(idle), 3),
+                "medians_ms": [round(_ms(m), 2) for m in medians],
+            },
         )
     )
 
