@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import itertools
 import os
 import sys
 import threading
@@ -40,12 +41,18 @@ cell_execution_count: contextvars.ContextVar[int | None] = contextvars.ContextVa
 )
 
 
+#: Makes display ids unique across kernels (job ids restart at 1), without a uuid4 (a
+#: system call) for every job on the thread that starts them.
+_PROCESS_TAG = uuid.uuid4().hex[:8]
+_HANDLE_NUMBERS = itertools.count(1)
+
+
 class JobHandle:
     """What ``%%bg`` shows: the job's id, name, mode and status, kept up to date."""
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.display_id = f"polycell-{job.id}-{uuid.uuid4().hex[:8]}"
+        self.display_id = f"polycell-{_PROCESS_TAG}-{job.id}-{next(_HANDLE_NUMBERS)}"
 
     def bundle(self) -> dict[str, str]:
         return {"text/plain": view.handle_text(self.job), "text/html": view.handle_html(self.job)}
