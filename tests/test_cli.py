@@ -18,6 +18,7 @@ import pytest
 from kernel_session import POLYCELL_KERNEL, KernelSession, kernel_env, polycell
 from polycell.cli import main
 from polycell.journal_store import read_job
+from polycell.kernel_link import KernelLink
 
 
 def _tail(job: int, runtime: Path) -> subprocess.Popen[str]:
@@ -266,3 +267,20 @@ def test_a_kernel_without_polycell(runtime):
         assert_one_line_error(result, "does not answer polycell requests", "%load_ext polycell")
     finally:
         session.close()
+
+
+def test_a_job_keeps_the_id_of_the_cell_that_started_it(any_kernel):
+    """JupyterLab sends the cell's id with each request; the jobs list over the control channel has it."""
+    kernel = any_kernel
+    msg = kernel.kc.session.msg(
+        "execute_request",
+        {"code": "%%bg\nprint('in its cell')", "silent": False, "store_history": True, "allow_stdin": False},
+        metadata={"cellId": "cell-7f3a"},
+    )
+    kernel.kc.shell_channel.send(msg)
+    tagged = kernel.job_id(msg["header"]["msg_id"])
+    untagged = kernel.job_id(kernel.execute("%%bg\nprint('no cell id')"))
+    with KernelLink(kernel.connection_file, 10) as link:
+        rows = {row["id"]: row for row in link.request("jobs")["jobs"]}
+    assert rows[tagged]["info"]["cell_id"] == "cell-7f3a"
+    assert "cell_id" not in rows[untagged]["info"]

@@ -208,7 +208,15 @@ class Polycell:
         return names
 
     def attach(self, job: Job) -> None:
-        """Show the job's handle in the current cell and send its output there, live."""
+        """Show the job's handle in the current cell and send its output there, live.
+
+        The cell's id, which JupyterLab and Notebook 7 send with each request
+        (``metadata.cellId``), is kept with the job (``job.info["cell_id"]``), so a
+        client can tell which cell of its notebook a job belongs to.
+        """
+        cell_id = self.shell.parent_header.get("metadata", {}).get("cellId")
+        if isinstance(cell_id, str) and cell_id:
+            job.info["cell_id"] = cell_id
         self._follow(job, replay=False)
 
     def show(self, job: Job) -> None:
