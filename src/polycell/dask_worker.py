@@ -55,7 +55,8 @@ Record = dict[str, Any]
 _sink: contextvars.ContextVar[Any] = contextvars.ContextVar("polycell_dask_sink", default=None)
 _install_lock = threading.Lock()
 _programs_captured = False
-#: Events are sent when this much stream text is buffered, or after this long.
+#: Stream text goes out as an event this long after it was written (or at
+#: `polycell.stream_text.STREAM_CHUNK_CHARS`, whichever comes first).
 _EVENT_SECONDS = 0.1
 #: IPython's traceback colours for a dask cell's error (ipykernel 7.4's default ``colors``).
 TRACEBACK_THEME = "neutral"

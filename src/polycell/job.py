@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import enum
+import importlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -30,6 +31,7 @@ __all__ = [
     "current_job",
     "one_line",
     "refuse_jobs_here",
+    "registered",
 ]
 
 
@@ -84,6 +86,18 @@ class KillOutcome(enum.StrEnum):
 #: set it in the context a job runs in; the output routing layer reads it to
 #: decide whether a ``print`` belongs to a job or to the foreground cell.
 current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar("polycell_current_job", default=None)
+
+
+def registered(path: str) -> Any:
+    """The class a registration names (``"module:Class"``), imported when first asked for.
+
+    Modes (`polycell.job_table.MODES`) and map backends
+    (`polycell.parallel_map.BACKEND_CLASSES`) are registered this way, so a
+    kernel imports only the ones it uses.
+    """
+    module_name, _, name = path.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
 
 #: Set in a forked child (a process job, a map worker): why no job can start there. Its
 #: copies of the kernel's output threads and job table were left behind by the fork.

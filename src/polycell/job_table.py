@@ -7,14 +7,13 @@ a kernel that never starts a process job never pays for one.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from polycell import view
-from polycell.job import Job, JobError, Runner
+from polycell.job import Job, JobError, Runner, registered
 from polycell.journal import DEFAULT_MAX_CHARS, OutputJournal
 
 __all__ = ["ENGINES", "MODES", "TASK_BACKENDS", "JobTable", "jobs"]
@@ -54,8 +53,6 @@ class JobTable:
         #: caller's context; the IPython layer uses it to show the job in the
         #: calling cell.
         self.on_new_job: Callable[[Job], None] | None = None
-        #: Set in a forked child (a process job, a map worker), whose copy of this
-        #: table and of the threads behind it cannot run jobs: why none may start.
 
     # -- lookup ----------------------------------------------------------------------
 
@@ -105,9 +102,7 @@ class JobTable:
                         choices = ", ".join(TASK_BACKENDS)
                         raise JobError(f"unknown backend {backend!r}: choose one of {choices}")
                     target = TASK_BACKENDS[backend]
-                module_name, _, class_name = target.partition(":")
-                runner_class = getattr(importlib.import_module(module_name), class_name)
-                runner = self._runners[(mode, backend)] = runner_class()
+                runner = self._runners[(mode, backend)] = registered(target)()
             return runner
 
     def new_job(self, mode: str, *, name: str | None = None, source: str = "", **info: Any) -> Job:

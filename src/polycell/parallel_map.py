@@ -25,7 +25,6 @@ killed from outside) is one line (`MapWorkerDied`).
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 import time
@@ -35,7 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from polycell.interrupts import BackgroundThread
-from polycell.job import Job, JobError, Runner, one_line
+from polycell.job import Job, JobError, Runner, one_line, registered
 from polycell.journal import Record, error_record
 from polycell.map_backend import MapBackend, MapItemError, MapSpec, MapWorkerDied
 from polycell.map_items import ChunkFeed
@@ -57,11 +56,6 @@ BACKEND_CLASSES: dict[str, str] = {
     "dask": "polycell.map_dask:DaskMapBackend",
 }
 MAP_BACKENDS = tuple(BACKEND_CLASSES)
-
-
-def _backend_class(name: str) -> type[MapBackend]:
-    module, _, cls = BACKEND_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
 
 
 def cpu_count() -> int:
@@ -158,7 +152,7 @@ class MapRunner(Runner):
 
     def submit(self, job: Job, body: MapSpec) -> Job:
         context = self._prepare(job)
-        backend = _backend_class(body.backend)(job, body)
+        backend: MapBackend = registered(BACKEND_CLASSES[body.backend])(job, body)
         job.info["workers"] = f"{body.workers} {body.backend}"
         thread = BackgroundThread(
             target=context.run,

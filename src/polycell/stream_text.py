@@ -53,6 +53,3 @@ class StreamText:
             text = "".join(self._parts)
             self._parts, self._size = [], 0
             self._emit(self._key, self._tag, text)
-
-    def __bool__(self) -> bool:
-        return bool(self._parts)
