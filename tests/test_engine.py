@@ -194,7 +194,7 @@ def test_journal_follow_has_no_gap_and_no_duplicate():
     time.sleep(0)  # let the writer get going; correctness does not depend on it
     ended = threading.Event()
 
-    def follower(record):
+    def follower(record, _position):
         if record is None:
             ended.set()
         else:

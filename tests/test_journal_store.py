@@ -131,20 +131,18 @@ def test_a_reloaded_extension_rewrites_a_job_without_duplicates(tmp_path):
     assert _text(read_job(path, 1)[1]) == "before\nafter\n"
 
 
-def test_since_cursor_sees_every_write_once_across_merges_and_drops():
+def test_since_sees_every_write_once_across_merges_and_drops():
     journal = OutputJournal(max_chars=2_000, chunk_chars=50)
-    cursor, seen, expected = (0, 0), [], []
+    position, seen, expected = 0, [], []
     for i in range(3000):
         journal.write("stdout" if i % 7 else "stderr", f"{i},")
         expected.append(f"{i},")
         if i % 5 == 0:
-            records, *cursor_, _ = journal.since(*cursor, max_chars=40)
-            cursor = tuple(cursor_)
+            records, position, _ = journal.since(position, max_chars=40)
             seen += records
     journal.close()
     while True:
-        records, index, offset, ended = journal.since(*cursor, max_chars=40)
-        cursor = (index, offset)
+        records, position, ended = journal.since(position, max_chars=40)
         seen += records
         if ended:
             break
@@ -152,10 +150,54 @@ def test_since_cursor_sees_every_write_once_across_merges_and_drops():
     # Polled often enough that nothing was dropped before it was read.
     assert "dropped" not in text
     assert text == "".join(expected)
+    assert position == journal.position == len(text)
     # A reader that comes late is told what it missed, then gets the rest.
-    records, *_ = journal.since(0, 0, max_chars=10**9)
-    assert "earlier records were dropped" in records[0]["content"]["text"]
+    records, *_ = journal.since(0, max_chars=10**9)
+    assert "characters of output were dropped" in records[0]["content"]["text"]
     assert "".join(expected).endswith(_text(records[1:]))
+
+
+def test_live_positions_continue_a_replay_with_each_unit_once():
+    """What a front end does after a reload: replay up to P, then keep live output past P."""
+    journal = OutputJournal(chunk_chars=30)
+    live: list[tuple[Any, int | None]] = []
+    journal.follow(lambda record, position: live.append((record, position)))
+    display = {"msg_type": "display_data", "content": {"data": {"text/plain": "fig"}, "metadata": {}}}
+    for i in range(40):
+        journal.write("stdout", f"{i} ")
+        if i % 9 == 0:
+            journal.append(display)
+        if i == 25:
+            replayed, replay_end, _ = journal.since(0)
+    journal.close()
+    assert replay_end < journal.position
+    kept = list(replayed)
+    for item, position in live:
+        if item is None:
+            continue
+        record = item.take() if isinstance(item, StreamRun) else item
+        if record["msg_type"] == "stream":
+            text = record["content"]["text"]
+            skip = max(0, replay_end - position)
+            if skip < len(text):
+                kept.append({"msg_type": "stream", "content": {"name": "stdout", "text": text[skip:]}})
+        elif position >= replay_end:
+            kept.append(record)
+    whole = [(r["msg_type"], r["content"].get("text")) for r in journal.since(0)[0]]
+    merged: list[tuple[str, Any]] = []
+    for record in kept:
+        text = record["content"].get("text")
+        if merged and text is not None and merged[-1][0] == "stream":
+            merged[-1] = ("stream", merged[-1][1] + text)
+        else:
+            merged.append((record["msg_type"], text))
+    joined: list[tuple[str, Any]] = []
+    for kind, text in whole:
+        if joined and text is not None and joined[-1][0] == "stream":
+            joined[-1] = ("stream", joined[-1][1] + text)
+        else:
+            joined.append((kind, text))
+    assert merged == joined
 
 
 def test_replaying_follower_sees_snapshot_then_live_in_order():
@@ -176,7 +218,7 @@ def test_replaying_follower_sees_snapshot_then_live_in_order():
             pass
         # As a follower's thread does: take each run of text while the writer adds to it.
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        sub = journal.follow(lambda r: items.put(r) if r else None, replay=True)
+        sub = journal.follow(lambda r, _pos: items.put(r) if r else None, replay=True)
         while len("".join(got).splitlines()) < 5000:
             item = items.get(timeout=30)
             got.append((item.take() if isinstance(item, StreamRun) else item)["content"]["text"])
@@ -195,13 +237,26 @@ def test_control_answers_without_a_kernel():
     assert "unknown action" in answer(table, {"action": "dance"})["evalue"]
     job = table.new_job("thread", name="x")
     job.journal.write("stdout", "hi\n")
-    assert answer(table, {"action": "tail", "job": job.id, "cursor": "zero"})["status"] == "error"
+    assert answer(table, {"action": "tail", "job": job.id, "since": "zero"})["evalue"] == (
+        "tail: 'since' must be a journal position (a number ≥ 0), not 'zero'"
+    )
+    assert answer(table, {"action": "tail", "job": job.id, "since": -1})["status"] == "error"
     assert answer(table, {"action": "kill", "job": "1"})["status"] == "error"
-    reply = answer(table, {"action": "tail", "job": job.id, "cursor": [0, 0]})
-    assert (reply["records"], reply["cursor"], reply["ended"]) == (
+    reply = answer(table, {"action": "tail", "job": job.id, "since": 0})
+    assert (reply["records"], reply["position"], reply["ended"]) == (
         [{"msg_type": "stream", "content": {"name": "stdout", "text": "hi\n"}}],
-        [0, 3],
+        3,
         False,
     )
     assert answer(table, {"action": "kill", "job": job.id})["outcome"] == "killed"
-    assert answer(table, {"action": "tail", "job": job.id, "cursor": [0, 3]})["ended"] is True
+    assert answer(table, {"action": "tail", "job": job.id, "since": 3})["ended"] is True
+
+
+def test_jobs_reply_says_which_request_each_jobs_cell_last_ran():
+    table = JobTable()
+    job = table.new_job("thread", name="x")
+    job.info.update(cell_id="cell-a", request="msg-1")
+    cells = {"cell-a": "msg-2", "cell-without-jobs": "msg-3"}
+    reply = answer(table, {"action": "jobs"}, cells)
+    assert reply["jobs"][0]["info"] == {"cell_id": "cell-a", "request": "msg-1"}
+    assert reply["cells"] == {"cell-a": "msg-2"}

@@ -124,7 +124,7 @@ def test_kill_takes_the_whole_process_group(runner):
             pass
 
     job = runner.submit(Job(4, mode="process"), body)
-    job.journal.follow(lambda record: ready.set() if record else None)
+    job.journal.follow(lambda record, _pos: ready.set() if record else None)
     assert ready.wait(30)
     pids = [job.info["pid"], int(job.output.split()[0])]
     assert job.kill() is KillOutcome.KILLED

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from kernel_session import KernelSession
+from polycell.kernel_link import KernelLink
 
 LINES = 60
 HALF = 30
@@ -136,3 +137,89 @@ def test_jobs_table_from_a_new_client(kernel, second_client):
             and m["metadata"].get("polycell", {}).get("job") == sleeper
         )
     )
+
+
+def _execute_in_cell(kernel: KernelSession, code: str, cell_id: str) -> str:
+    """An execute_request as JupyterLab sends it: with the cell's id in its metadata."""
+    content = {"code": code, "silent": False, "store_history": True, "allow_stdin": False}
+    msg = kernel.kc.session.msg("execute_request", content, metadata={"cellId": cell_id})
+    kernel.kc.shell_channel.send(msg)
+    return str(msg["header"]["msg_id"])
+
+
+def _keep_after(position: int, messages: list[dict]) -> list[tuple[str, str]]:
+    """What the JupyterLab extension keeps of live messages after replaying up to `position`."""
+    kept = []
+    for m in messages:
+        pos = m["metadata"]["polycell"].get("pos")
+        if pos is None:
+            continue  # the handle's updates: not journal output
+        if m["msg_type"] == "stream":
+            text = m["content"]["text"]
+            if pos + len(text) > position:
+                kept.append(("stream", text[max(0, position - pos) :]))
+        elif pos >= position:
+            kept.append((m["msg_type"], m["content"].get("data", {}).get("text/html", "")))
+    return kept
+
+
+def _joined(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for kind, text in items:
+        if out and kind == "stream" and out[-1][0] == "stream":
+            out[-1] = ("stream", out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return out
+
+
+def test_a_reloaded_page_replays_then_follows_each_output_once(any_kernel):
+    """The JupyterLab extension's protocol, as a page that reloads mid-job uses it.
+
+    The kernel says it has polycell in its help links; the jobs list gives each
+    job's cell and request, and the last request of that cell; ``tail`` replays
+    the journal up to a position, and live messages carry positions past it.
+    """
+    kernel = any_kernel
+    reply = kernel.reply(kernel.kc.kernel_info())
+    assert {"text": "polycell", "url": "https://pypi.org/project/polycell/"} in reply["content"]["help_links"]
+
+    kernel.run("import threading; gate = threading.Event()")
+    started = _execute_in_cell(kernel, JOB, "cell-1")
+    job = kernel.job_id(started)
+    kernel.wait_for(
+        lambda m: (
+            m["parent_header"].get("msg_id") == started
+            and "half way" in m["content"].get("data", {}).get("text/html", "")
+        )
+    )
+    with KernelLink(kernel.connection_file, 10) as link:
+        listing = link.request("jobs")
+        (row,) = [r for r in listing["jobs"] if r["id"] == job]
+        assert row["info"]["cell_id"] == "cell-1"
+        assert row["info"]["request"] == started == listing["cells"]["cell-1"]
+        assert listing["session"]
+        replay = link.request("tail", job=job, since=0)
+        replayed = [
+            (r["msg_type"], r["content"].get("text", r["content"].get("data", {}).get("text/html", "")))
+            for r in replay["records"]
+        ]
+        kernel.run("gate.set()")
+        kernel.wait_job_end(job)
+        rest = link.request("tail", job=job, since=replay["position"])
+        assert rest["ended"] is True
+        # The cell runs something else: it no longer shows the job's request.
+        kernel.reply(_execute_in_cell(kernel, "1 + 1", "cell-1"))
+        assert link.request("jobs")["cells"]["cell-1"] != started
+
+    live = [m for m in kernel.outputs(started) if m.get("metadata", {}).get("polycell", {}).get("job") == job]
+    whole = _joined(replayed + [(r["msg_type"], r["content"].get("text", "")) for r in rest["records"]])
+    # All of the job's live messages, the ones the replay already had included: each unit once.
+    rebuilt = _joined([(kind, text) for kind, text in replayed] + _keep_after(replay["position"], live))
+    assert [kind for kind, _ in rebuilt] == ["stream", "display_data", "stream", "error"]
+    assert rebuilt[0][1] + rebuilt[2][1] == _expected(0, LINES)
+    assert [kind for kind, _ in whole] == [kind for kind, _ in rebuilt]
+    handle = next(m for m in live if m["msg_type"] == "display_data")
+    data = handle["content"]["data"]["application/vnd.polycell.job+json"]
+    assert (data["job"], data["name"], data["mode"]) == (job, "gated", "thread")
+    assert data["session"] == listing["session"]

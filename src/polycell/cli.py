@@ -141,12 +141,12 @@ def cmd_kill(link: KernelLink, job_id: int) -> int:
 
 
 def cmd_tail(link: KernelLink, job_id: int) -> int:
-    cursor = [0, 0]
+    position = 0
     try:
         while True:
-            reply = link.request("tail", job=job_id, cursor=cursor)
+            reply = link.request("tail", job=job_id, since=position)
             write_records(reply["records"], sys.stdout, sys.stderr)
-            cursor = reply["cursor"]
+            position = reply["position"]
             if reply["ended"]:
                 row = reply["job"]
                 print(

@@ -7,16 +7,25 @@ request there is answered even while the main thread is stuck in a long call
 like every Jupyter message, and needs no new port.
 
 Request content: ``{"action": "jobs"}``, ``{"action": "kill", "job": N}`` or
-``{"action": "tail", "job": N, "cursor": [index, offset]}``. The reply
-(``polycell_reply``) has ``status`` "ok" or "error" (with ``evalue``, one
-line). ``tail`` answers with the job's records after the cursor and the next
-cursor (see `OutputJournal.since`): the client polls, and nothing is kept per
-client here, so a client that goes away costs nothing.
+``{"action": "tail", "job": N, "since": P}``. The reply (``polycell_reply``)
+has ``status`` "ok" or "error" (with ``evalue``, one line).
+
+``jobs`` lists every job (`polycell.view.job_row`: its ``info`` has the
+``cell_id`` and ``request``, the msg_id of the request that started it) and,
+under ``cells``, the last request each of those cells ran: a front end
+replays a job into its cell only while the cell still shows that request's
+output. ``tail`` answers with the job's records after journal position P
+and the position they reach (see `OutputJournal.since`); live messages carry
+positions too (`polycell.iopub`), so a client that replays and then follows
+keeps each output once. The client polls, and nothing is kept per client
+here, so a client that goes away costs nothing. ``polycell tail`` and the
+JupyterLab extension use the same requests.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from polycell import view
@@ -42,28 +51,35 @@ def _job_id(request: dict[str, Any]) -> int:
     return value
 
 
-def answer(table: JobTable, request: dict[str, Any]) -> dict[str, Any]:
-    """The reply content for one request; never raises."""
+def answer(
+    table: JobTable, request: dict[str, Any], cells: Mapping[str, str] | None = None, session: str = ""
+) -> dict[str, Any]:
+    """The reply content for one request; never raises.
+
+    `cells` maps a cell id to the msg_id of the last request that cell ran;
+    `session` is what the kernel's job handles carry to say they are its own.
+    """
     action = request.get("action")
     try:
         if action == "jobs":
-            return {"status": "ok", "pid": os.getpid(), "jobs": [view.job_row(job) for job in table]}
+            rows = [view.job_row(job) for job in table]
+            ids = {row["info"].get("cell_id") for row in rows}
+            last = {cell: msg_id for cell, msg_id in dict(cells or {}).items() if cell in ids}
+            return {"status": "ok", "pid": os.getpid(), "session": session, "jobs": rows, "cells": last}
         if action == "kill":
             job = table[_job_id(request)]
             outcome = job.kill()
             return {"status": "ok", "outcome": outcome.value, "job": view.job_row(job)}
         if action == "tail":
             job = table[_job_id(request)]
-            cursor = request.get("cursor") or [0, 0]
-            if not (
-                isinstance(cursor, list) and len(cursor) == 2 and all(isinstance(c, int) for c in cursor)
-            ):
-                raise JobError(f"tail: 'cursor' must be [index, offset], not {cursor!r}")
-            records, index, offset, ended = job.journal.since(cursor[0], cursor[1], TAIL_MAX_CHARS)
+            since = request.get("since", 0)
+            if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+                raise JobError(f"tail: 'since' must be a journal position (a number ≥ 0), not {since!r}")
+            records, position, ended = job.journal.since(since, TAIL_MAX_CHARS)
             return {
                 "status": "ok",
                 "records": records,
-                "cursor": [index, offset],
+                "position": position,
                 "ended": ended,
                 "job": view.job_row(job),
             }
@@ -77,8 +93,10 @@ def answer(table: JobTable, request: dict[str, Any]) -> dict[str, Any]:
 class ControlHandler:
     """Registers `answer` as the kernel's handler for ``polycell_request``."""
 
-    def __init__(self, table: JobTable) -> None:
+    def __init__(self, table: JobTable, cells: Mapping[str, str] | None = None, session: str = "") -> None:
         self.table = table
+        self.cells = cells if cells is not None else {}
+        self.session = session
         self.kernel: Any = None
 
     def install(self, kernel: Any) -> None:
@@ -98,7 +116,7 @@ class ControlHandler:
     def _handle(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         content = parent.get("content")
         if isinstance(content, dict):
-            reply = answer(self.table, content)
+            reply = answer(self.table, content, self.cells, self.session)
         else:
             reply = _error("a polycell_request's content must be an object")
         self.kernel.session.send(stream, REPLY_TYPE, reply, parent, ident)

@@ -42,9 +42,15 @@ cell_execution_count: contextvars.ContextVar[int | None] = contextvars.ContextVa
 
 
 #: Makes display ids unique across kernels (job ids restart at 1), without a uuid4 (a
-#: system call) for every job on the thread that starts them.
+#: system call) for every job on the thread that starts them; also tells a front end
+#: whether a handle saved in a notebook is of a job of the kernel running now.
 _PROCESS_TAG = uuid.uuid4().hex[:8]
 _HANDLE_NUMBERS = itertools.count(1)
+
+#: In the kernel's help links (its kernel_info reply, which every front end asks for
+#: when it connects, and shows in its Help menu): the JupyterLab extension asks a
+#: kernel about its jobs only when polycell is there to answer.
+HELP_LINK = {"text": "polycell", "url": "https://pypi.org/project/polycell/"}
 
 
 class JobHandle:
@@ -54,8 +60,12 @@ class JobHandle:
         self.job = job
         self.display_id = f"polycell-{_PROCESS_TAG}-{job.id}-{next(_HANDLE_NUMBERS)}"
 
-    def bundle(self) -> dict[str, str]:
-        return {"text/plain": view.handle_text(self.job), "text/html": view.handle_html(self.job)}
+    def bundle(self) -> dict[str, Any]:
+        return {
+            "text/plain": view.handle_text(self.job),
+            "text/html": view.handle_html(self.job),
+            view.HANDLE_MIME: view.handle_data(self.job, _PROCESS_TAG),
+        }
 
 
 class Polycell:
@@ -69,7 +79,9 @@ class Polycell:
             raise JobError("polycell needs a Jupyter kernel (ipykernel); this IPython has none")
         self.router = OutputRouter(shell)
         self.publisher = IOPubPublisher(self.kernel.session, self.kernel.iopub_socket)
-        self.control = ControlHandler(table)
+        #: The msg_id of the last request each cell (by its id) ran; see `polycell.control`.
+        self.cells: dict[str, str] = {}
+        self.control = ControlHandler(table, self.cells, session=_PROCESS_TAG)
         self.store: JournalStore | None = None
         self.waker = InterruptWaker()
         self.rich = RichSupport(shell)
@@ -85,6 +97,9 @@ class Polycell:
         self.shell.register_magics(PolycellMagics(self.shell, self))
         self.shell.user_ns["jobs"] = self.jobs
         self.control.install(self.kernel)
+        self.shell.events.register("pre_run_cell", self._note_cell)
+        if HELP_LINK not in self.kernel.help_links:
+            self.kernel.help_links = [*self.kernel.help_links, HELP_LINK]
         self.store = open_store()
         if self.store is not None:
             for job in self.jobs:
@@ -98,6 +113,11 @@ class Polycell:
         """End every job (each cell says why) and stop routing; idempotent. Returns the jobs ended."""
         atexit.unregister(self.close)
         self.control.uninstall()
+        self.kernel.help_links = [link for link in self.kernel.help_links if link != HELP_LINK]
+        try:
+            self.shell.events.unregister("pre_run_cell", self._note_cell)
+        except ValueError:
+            pass  # closed twice
         if self.jobs.on_new_job == self.attach:
             self.jobs.on_new_job = None
         running = self.jobs.running()
@@ -214,10 +234,22 @@ class Polycell:
         (``metadata.cellId``), is kept with the job (``job.info["cell_id"]``), so a
         client can tell which cell of its notebook a job belongs to.
         """
-        cell_id = self.shell.parent_header.get("metadata", {}).get("cellId")
+        parent = self.shell.parent_header
+        cell_id = parent.get("metadata", {}).get("cellId")
         if isinstance(cell_id, str) and cell_id:
             job.info["cell_id"] = cell_id
+            request = parent.get("header", {}).get("msg_id")
+            if isinstance(request, str):
+                job.info["request"] = request
+                self.cells[cell_id] = request  # a %%bg cell the kernel started off the main thread
         self._follow(job, replay=False)
+
+    def _note_cell(self, info: Any) -> None:
+        """pre_run_cell: the cell (``metadata.cellId``, passed on by ipykernel) ran this request."""
+        cell_id = getattr(info, "cell_id", None)
+        request = self.shell.parent_header.get("header", {}).get("msg_id")
+        if isinstance(cell_id, str) and cell_id and isinstance(request, str):
+            self.cells[cell_id] = request
 
     def show(self, job: Job) -> None:
         """Replay a job's journal into the current cell, then follow it live."""

@@ -8,10 +8,13 @@ loop produces a message per batch (at most one batch per 10 ms) rather than
 one per line, in order.
 
 Every message carries ``metadata.polycell.job = N`` so front ends and tools can
-tell whose output it is. A record may add to it (its ``"polycell"`` key): the
-job's handle adds ``handle: true`` and the job's ``status``, so a client that
-ignores display updates (a terminal, a headless runner) still learns how a job
-ended, from the message the front end already gets.
+tell whose output it is, and a message from the journal carries ``pos``, the
+journal position of its first unit (`polycell.journal`): a front end that
+replayed the journal up to some position keeps only what lies beyond it. A
+record may add to that metadata (its ``"polycell"`` key): the job's handle
+adds ``handle: true`` and the job's ``status``, so a client that ignores
+display updates (a terminal, a headless runner) still learns how a job ended,
+from the message the front end already gets.
 """
 
 from __future__ import annotations
@@ -56,17 +59,17 @@ class IOPubPublisher:
         `on_end` runs in the publisher thread after the job's last record was sent.
         """
 
-        def enqueue(record: Record | StreamRun | None) -> None:
+        def enqueue(record: Record | StreamRun | None, position: int | None) -> None:
             if record is None:
                 self._cancels.pop(id(enqueue), None)
-            self._queue.put((job.id, parent, record, on_end if record is None else None))
+            self._queue.put((job.id, parent, record, on_end if record is None else None, position))
 
         # The snapshot is queued under the journal's lock, so a record the job
         # writes meanwhile cannot overtake it: replayed, then live, in order.
         sub = job.journal.follow(enqueue, replay=replay)
         if sub.ended:
             if on_end is not None:
-                self._queue.put((job.id, parent, None, on_end))
+                self._queue.put((job.id, parent, None, on_end, None))
         else:
             self._cancels[id(enqueue)] = sub.cancel  # until the job ends; not its snapshot
         return sub
@@ -80,7 +83,7 @@ class IOPubPublisher:
         if threading.current_thread() is self._thread:
             self.send_now(job_id, parent, record)
         else:
-            self._queue.put((job_id, parent, record, None))
+            self._queue.put((job_id, parent, record, None, None))
 
     def send_now(self, job_id: int, parent: dict[str, Any], record: Record) -> None:
         """Send one record from the calling thread, ahead of what is queued.
@@ -131,9 +134,12 @@ class IOPubPublisher:
     def _publish_batch(self, items: list[Any]) -> bool:
         """Send a batch; True when the publisher was asked to stop."""
         items = _coalesce_display_updates([_taken(item) for item in items])
-        # Consecutive text of one job's stream for one request becomes one message.
+        # Consecutive text of one job's stream for one request becomes one message,
+        # which starts at the journal position of its first run.
         text = StreamText(
-            lambda key, parent, joined: self._send(key[0], parent, "stream", {"name": key[2], "text": joined})
+            lambda key, tag, joined: self._send(
+                key[0], tag[0], "stream", {"name": key[2], "text": joined}, _at(tag[1])
+            )
         )
         for item in items:
             if item is _STOP:
@@ -143,7 +149,7 @@ class IOPubPublisher:
                 text.flush()
                 item.set()
                 continue
-            job_id, parent, record, on_end = item
+            job_id, parent, record, on_end, position = item
             if record is None:
                 text.flush()
                 if on_end is not None:
@@ -153,11 +159,12 @@ class IOPubPublisher:
                         print(f"polycell: job {job_id} end update failed: {exc!r}", file=sys.__stderr__)
                 continue
             if record["msg_type"] == "stream" and "polycell" not in record:  # marked lines stay whole
-                name = record["content"]["name"]
-                text.add((job_id, parent.get("msg_id", ""), name), record["content"]["text"], parent)
+                key = (job_id, parent.get("msg_id", ""), record["content"]["name"])
+                text.add(key, record["content"]["text"], (parent, position))
             else:
                 text.flush()
-                self._send(job_id, parent, record["msg_type"], record["content"], record.get("polycell"))
+                extra = {**record.get("polycell", {}), **_at(position)}
+                self._send(job_id, parent, record["msg_type"], record["content"], extra)
         text.flush()
         return False
 
@@ -183,11 +190,15 @@ class IOPubPublisher:
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)
 
 
+def _at(position: int | None) -> dict[str, int]:
+    return {} if position is None else {"pos": position}
+
+
 def _taken(item: Any) -> Any:
     """A queued journal item with its run of stream text (`StreamRun`) taken as one record."""
     if isinstance(item, tuple) and isinstance(item[2], StreamRun):
-        job_id, parent, run, on_end = item
-        return (job_id, parent, run.take(), on_end)
+        job_id, parent, run, on_end, position = item
+        return (job_id, parent, run.take(), on_end, position)
     return item
 
 
@@ -205,7 +216,7 @@ def _coalesce_display_updates(items: list[Any]) -> list[Any]:
     for index, item in enumerate(items):
         if not isinstance(item, tuple) or item[2] is None:
             continue
-        _, parent, record, _ = item
+        _, parent, record, _, _ = item
         if record["msg_type"] != "update_display_data":
             continue
         display_id = (record["content"].get("transient") or {}).get("display_id")
@@ -216,12 +227,13 @@ def _coalesce_display_updates(items: list[Any]) -> list[Any]:
         if first is None:
             first_update[key] = index
             continue
-        job_id, first_parent, shown, on_end = out[first]
+        job_id, first_parent, shown, on_end, _ = out[first]
         content = {**shown["content"], "data": record["content"]["data"]}
         content["metadata"] = record["content"].get("metadata", {})
         merged = {"msg_type": shown["msg_type"], "content": content}
         if "polycell" in record:
             merged["polycell"] = record["polycell"]
-        out[first] = (job_id, first_parent, merged, on_end)
+        # The position of the last: a client that replayed up to the last has its data.
+        out[first] = (job_id, first_parent, merged, on_end, item[4])
         out[index] = None
     return [item for item in out if item is not None]

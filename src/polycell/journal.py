@@ -11,11 +11,19 @@ Consecutive writes to the same stream are merged into one record (up to
 job printing 100,000 lines keeps a few dozen records, not 100,000. When
 the journal grows past `max_chars`, the oldest records are dropped and the
 journal says so at its head.
+
+Every unit of output has a *position*, counted from the job's start and never
+reused: each character of stream text is one, every other record is one. A
+reader that has everything before position P asks for what comes after it
+(`since`), and a live message carries the position of its first unit (see
+`polycell.iopub`), so a front end that replays a journal and then follows the
+job live keeps each unit exactly once, with no state kept here per reader.
 """
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,9 +34,11 @@ from polycell.stream_text import STREAM_CHUNK_CHARS
 __all__ = ["OutputJournal", "Record", "StreamRun", "Subscription", "last_line", "stream_record"]
 
 Record = dict[str, Any]
-#: A follower is called with each new record (consecutive stream text as one `StreamRun`),
-#: then once with None when the job ends.
-Follower = Callable[["Record | StreamRun | None"], None]
+#: A follower is called with each new record (consecutive stream text as one `StreamRun`)
+#: and its journal position (see `OutputJournal.position`; None for a note the journal
+#: adds, such as the one saying output was dropped), then once with (None, None) when
+#: the job ends.
+Follower = Callable[["Record | StreamRun | None", "int | None"], None]
 
 DEFAULT_MAX_CHARS = 16_000_000
 
@@ -68,7 +78,7 @@ def _record_size(record: Record) -> int:
 
 
 def _length(record: Record) -> int:
-    """How far a `since` cursor's offset goes in a record: its text, or 1 for a whole record."""
+    """How many positions a record takes: a character of its text each, or 1 for a whole record."""
     return len(record["content"]["text"]) if record["msg_type"] == "stream" else 1
 
 
@@ -79,6 +89,9 @@ class OutputJournal:
         self.max_chars = max_chars
         self.chunk_chars = chunk_chars
         self._records: deque[Record] = deque()
+        self._starts: deque[int] = deque()  # the position of each record's first unit
+        #: Units of output ever appended (dropped ones included): the position of the next one.
+        self.position = 0
         # Text merged into the last (stream) record but not yet joined into it: joining
         # on every write would copy the growing chunk each time (quadratic per chunk).
         self._open_parts: list[str] = []
@@ -101,6 +114,7 @@ class OutputJournal:
         with self._lock:
             if self._closed:
                 return
+            position = self.position
             self._store(record)
             # Called under the lock so that followers see records in journal order
             # even when several threads write; followers must only enqueue.
@@ -112,11 +126,11 @@ class OutputJournal:
                         run.parts.append(text)  # already queued: its taker gets this too
                     else:
                         follower.run = StreamRun(self._lock, follower, name, [text])
-                        follower.callback(follower.run)
+                        follower.callback(follower.run, position)
             else:
                 for follower in self._followers:
                     follower.run = None
-                    follower.callback(record)
+                    follower.callback(record, position)
 
     def _store(self, record: Record) -> None:
         last = self._records[-1] if self._records else None
@@ -132,9 +146,12 @@ class OutputJournal:
         else:
             self._seal()
             self._records.append(record)
+            self._starts.append(self.position)
+        self.position += _length(record)
         self._size += _record_size(record)
         while self._size > self.max_chars and len(self._records) > 1:
             old = self._records.popleft()
+            self._starts.popleft()
             size = _record_size(old)
             self._size -= size
             self.dropped_records += 1
@@ -155,7 +172,7 @@ class OutputJournal:
                 return
             self._closed = True
             for follower in self._followers:
-                follower.callback(None)
+                follower.callback(None, None)
             self._followers = []
 
     @property
@@ -219,8 +236,11 @@ class OutputJournal:
             snapshot = self._head() + list(self._records)
             ended = self._closed
             if replay:
-                for record in snapshot:
-                    callback(record)
+                head = self._head()
+                for record in head:
+                    callback(record, None)
+                for record, start in zip(self._records, self._starts, strict=True):
+                    callback(record, start)
             if not ended:
                 self._followers.append(follower)
 
@@ -231,57 +251,44 @@ class OutputJournal:
 
         return Subscription(snapshot, ended, cancel)
 
-    def since(
-        self, index: int = 0, offset: int = 0, max_chars: int = 1_000_000
-    ) -> tuple[list[Record], int, int, bool]:
-        """The records after cursor (`index`, `offset`), the new cursor, and whether the journal ended.
+    def since(self, position: int = 0, max_chars: int = 1_000_000) -> tuple[list[Record], int, bool]:
+        """The records after `position`, the position they reach, and whether the journal ended.
 
-        `index` counts records from the first one ever stored, dropped ones
-        included; `offset` is how many characters of that record's text were
-        already read. Merging only ever appends text to the last record, so
-        this cursor is exact: a reader polling with the cursor it was given
-        sees every write once, in order, with no state kept here (a lost
-        reply is simply asked for again). Records dropped by the cap before
-        the reader got them come back as one marker record.
+        A reader polling with the position it was given sees every write once,
+        in order, with no state kept here (a lost reply is simply asked for
+        again): merging only ever appends text to the last record. Output
+        dropped by the cap before the reader got it comes back as one note.
+        A position beyond the end (of another journal) reads from the end.
 
         At most about `max_chars` characters are returned per call; the
         returned `ended` is only True once the reader has everything.
         """
         with self._lock:
             self._seal()
-            first = self.dropped_records
+            records, starts = self._records, self._starts
             out: list[Record] = []
-            if index < first:
-                note = (
-                    f"[polycell: {first - index:,} earlier records were dropped before they could be read]\n"
-                )
+            position = min(max(position, 0), self.position)
+            first = starts[0] if starts else self.position
+            if position < first:
+                missed = first - position
+                note = f"[polycell: {missed:,} characters of output were dropped before they were read]\n"
                 out.append(stream_record("stderr", note))
-                index, offset = first, 0
-            records = self._records
+                position = first
+            index = bisect_right(starts, position) - 1
             size = 0
-            position = index - first
-            while position < len(records) and size < max_chars:
-                record = records[position]
+            while 0 <= index < len(records) and size < max_chars:
+                record, start = records[index], starts[index]
                 if record["msg_type"] == "stream":
-                    text = record["content"]["text"]
-                    if offset < len(text):
-                        part = text[offset:]
+                    part = record["content"]["text"][position - start :]
+                    if part:
                         out.append(stream_record(record["content"]["name"], part))
                         size += len(part)
-                    offset = len(text)
-                elif offset == 0:
+                elif position == start:
                     out.append(record)
                     size += _record_size(record)
-                    offset = 1
-                if position == len(records) - 1:
-                    break  # the last record may still grow: keep the cursor on it
-                position += 1
-                offset = 0
-            if position >= len(records) and records:
-                # A cursor from beyond the end (another journal): resume from the end.
-                position, offset = len(records) - 1, _length(records[-1])
-            at_end = not records or (position == len(records) - 1 and offset >= _length(records[-1]))
-            return out, first + position, offset, self._closed and at_end
+                position = start + _length(record)
+                index += 1
+            return out, position, self._closed and position == self.position
 
 
 class StreamRun:

@@ -171,7 +171,7 @@ class JournalStore:
         # The hot path of a printing job: one deque append and a length check.
         pending, wake, limit, job_id = self._pending, self._wake, self.batch_records, job.id
 
-        def follow(record: Record | StreamRun | None) -> None:
+        def follow(record: Record | StreamRun | None, _position: int | None) -> None:
             if record is not None:
                 pending.append(("record", job_id, record))
                 if len(pending) >= limit:

@@ -23,9 +23,10 @@ class StreamText:
     """Text written to one stream since it was last sent on; joined once, when it is sent.
 
     `key` names the stream (a stream name, or a job and a stream name): text of
-    another key sends what was held first, so order is kept. `tag` travels
-    with the text to `emit` (the request a message answers, say) and is not
-    compared. Not thread-safe: each user holds its own lock, or its own thread.
+    another key sends what was held first, so order is kept. The `tag` of the
+    first text held travels with the joined text to `emit` (the request a
+    message answers and where its text starts, say) and is not compared.
+    Not thread-safe: each user holds its own lock, or its own thread.
     """
 
     __slots__ = ("_emit", "_key", "_parts", "_size", "_tag")
@@ -41,7 +42,8 @@ class StreamText:
         """Gather `text` written to stream `key`."""
         if self._parts and key != self._key:
             self.flush()
-        self._key, self._tag = key, tag
+        if not self._parts:
+            self._key, self._tag = key, tag
         self._parts.append(text)
         self._size += len(text)
         if self._size >= STREAM_CHUNK_CHARS:

@@ -12,7 +12,17 @@ from typing import Any
 
 from polycell.job import Job, JobState
 
-__all__ = ["format_elapsed", "handle_html", "handle_text", "job_row", "jobs_html", "jobs_text", "rows_text"]
+__all__ = [
+    "HANDLE_MIME",
+    "format_elapsed",
+    "handle_data",
+    "handle_html",
+    "handle_text",
+    "job_row",
+    "jobs_html",
+    "jobs_text",
+    "rows_text",
+]
 
 COLUMNS = ("id", "name", "mode", "status", "elapsed", "last output")
 _STATUS_COLOURS = {
@@ -142,6 +152,24 @@ def handle_text(job: Job) -> str:
     if job.done:
         text += f" after {format_elapsed(job.elapsed)}"
     return text
+
+
+#: The job handle's own MIME type, which the JupyterLab extension renders live (a status
+#: badge, a ticking clock, a Kill button); text/plain and text/html stay for other front ends.
+HANDLE_MIME = "application/vnd.polycell.job+json"
+
+
+def handle_data(job: Job, session: str) -> dict[str, Any]:
+    """The handle as data: `session` tells a front end whether the job is of the kernel it talks to."""
+    return {
+        "job": job.id,
+        "name": job.name,
+        "mode": job.mode,
+        "status": status_text(job),
+        "done": job.done,
+        "elapsed": job.elapsed,
+        "session": session,
+    }
 
 
 def handle_html(job: Job) -> str:
