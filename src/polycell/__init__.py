@@ -54,3 +54,8 @@ def unload_ipython_extension(shell: Any) -> None:
     from polycell.extension import unload_ipython_extension as unload
 
     unload(shell)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where JupyterLab finds the built frontend extension (``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "polycell"}]

@@ -169,6 +169,7 @@ def handle_data(job: Job, session: str) -> dict[str, Any]:
         "done": job.done,
         "elapsed": job.elapsed,
         "session": session,
+        "cell_id": job.info.get("cell_id"),
     }
 
 

@@ -101,10 +101,10 @@ def open_notebook(browser: Browser, lab: LabServer, request: pytest.FixtureReque
     opened: list[NotebookPage] = []
     context = browser.new_context(viewport={"width": 1240, "height": 1000})
 
-    def open_(name: str, cells: list[str], kernel: str = "polycell") -> NotebookPage:
+    def open_(name: str, cells: list[str], kernel: str = "polycell", app: str = "lab") -> NotebookPage:
         path = lab.write_notebook(name, cells, kernel)
         notebook = NotebookPage(
-            context.new_page(), lab, path, kernel=kernel, cell_count=len(cells), artifacts=ARTIFACTS
+            context.new_page(), lab, path, kernel=kernel, cell_count=len(cells), artifacts=ARTIFACTS, app=app
         )
         opened.append(notebook)
         notebook.open()

@@ -50,6 +50,8 @@ _QUIET_LAB_SETTINGS = {
         "fetchNews": "false",
         "checkForUpdates": False,
     },
+    # A job's end is a notification after 1 s, not the default 10 s: the tests' jobs are short.
+    "polycell/plugin.jupyterlab-settings": {"notifyAfterSeconds": 1},
 }
 
 

@@ -19,10 +19,23 @@ TIMEOUT_MS = 60_000
 
 
 class NotebookPage:
-    """One notebook open in JupyterLab, and what the browser console said meanwhile."""
+    """One notebook open in JupyterLab (or Notebook 7: `app="notebook"`), and what the page said.
+
+    Besides the console's errors, it keeps every console message and every
+    frame the page sent on its websockets, so a test can show what the page
+    did not say or send.
+    """
 
     def __init__(
-        self, page: Page, lab: LabServer, path: str, *, kernel: str, cell_count: int, artifacts: Path
+        self,
+        page: Page,
+        lab: LabServer,
+        path: str,
+        *,
+        kernel: str,
+        cell_count: int,
+        artifacts: Path,
+        app: str = "lab",
     ) -> None:
         self.page = page
         self.kernel = kernel
@@ -30,21 +43,56 @@ class NotebookPage:
         self.path = path
         self.cell_count = cell_count
         self.artifacts = artifacts
+        self.app = app
         self.console_errors: list[str] = []
+        self.console_messages: list[str] = []
+        self.sent_frames: list[str] = []
         page.on("console", self._on_console)
         page.on("pageerror", lambda error: self.console_errors.append(f"page error: {error}"))
+        page.on("websocket", lambda ws: ws.on("framesent", self._on_frame))
         # Reloading a notebook with unsaved outputs raises a "leave the page?" dialog: leave.
         page.on("dialog", lambda dialog: dialog.accept())
 
     def _on_console(self, message: ConsoleMessage) -> None:
+        self.console_messages.append(message.text)
         if message.type == "error":
             self.console_errors.append(message.text)
 
+    def _on_frame(self, payload: str | bytes) -> None:
+        self.sent_frames.append(payload if isinstance(payload, str) else payload.decode(errors="replace"))
+
     # -- the page -----------------------------------------------------------------------
 
-    def open(self) -> None:
-        self.page.goto(self.lab.notebook_url(self.path, workspace=Path(self.path).stem))
+    def open(self, workspace: str | None = None) -> None:
+        if self.app == "notebook":
+            self.page.goto(f"{self.lab.url}/notebooks/{self.path}?token={self.lab.token}")
+        else:
+            self.page.goto(self.lab.notebook_url(self.path, workspace=workspace or Path(self.path).stem))
         self.wait_ready()
+
+    def open_again(self) -> NotebookPage:
+        """The same notebook in another tab of the same browser (its own workspace)."""
+        other = NotebookPage(
+            self.page.context.new_page(),
+            self.lab,
+            self.path,
+            kernel=self.kernel,
+            cell_count=self.cell_count,
+            artifacts=self.artifacts,
+            app=self.app,
+        )
+        self._tabs += 1
+        other.open(workspace=f"{Path(self.path).stem}-tab{self._tabs}")
+        return other
+
+    _tabs = 0
+
+    def open_jobs_panel(self) -> Locator:
+        """Open polycell's jobs panel from its tab in the left sidebar."""
+        self.page.locator(".jp-SideBar li[title='Background jobs (polycell)']").click()
+        panel = self.page.locator("#polycell-jobs")
+        expect(panel).to_be_visible(timeout=TIMEOUT_MS)
+        return panel
 
     def reload(self) -> None:
         self.page.reload()
@@ -58,6 +106,11 @@ class NotebookPage:
         cells run then would silently not run.
         """
         expect(self.cells).to_have_count(self.cell_count, timeout=TIMEOUT_MS)
+        if self.app == "notebook":
+            # Notebook 7 has no status bar: its toolbar's kernel status says the same.
+            status = self.page.locator(".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator")
+            expect(status).to_have_attribute("data-status", "idle", timeout=TIMEOUT_MS)
+            return
         status = self.page.locator(".jp-StatusBar-TextItem", has_text=f"{DISPLAY_NAMES[self.kernel]} | ")
         expect(status).to_have_text(f"{DISPLAY_NAMES[self.kernel]} | Idle", timeout=TIMEOUT_MS)
 
@@ -99,6 +152,12 @@ class NotebookPage:
         # Written here, not with screenshot(path=...): that would start a thread pool in
         # Playwright's event loop which outlives the test and trips the leak check.
         path.write_bytes(self.page.locator(".jp-NotebookPanel").first.screenshot())
+        return path
+
+    def screenshot_page(self, name: str) -> Path:
+        """Save the whole page (sidebars, notifications) as `name`.png in the artifacts dir."""
+        path = self.artifacts / f"{name}.png"
+        path.write_bytes(self.page.screenshot())
         return path
 
     def polycell_console_errors(self) -> list[str]:

@@ -1,0 +1,160 @@
+/**
+ * The job handle, rendered live: job id and name, mode, a status badge, the
+ * elapsed time ticking while the job runs, and a Kill button.
+ *
+ * The handle's data says which kernel process the job is of (`session`): a
+ * handle saved in a notebook from an earlier kernel shows what it last said,
+ * and offers no Kill.
+ */
+import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
+import { Widget } from '@lumino/widgets';
+
+import { IJob, IJobChange, KernelJobs, elapsedNow } from './kernelJobs';
+import { ENDED, HANDLE_MIME, IHandleData, formatElapsed } from './protocol';
+
+/** Finds the jobs of the kernel of the notebook a node is in. */
+export type JobsLocator = (node: HTMLElement) => KernelJobs | undefined;
+
+export class HandleWidget extends Widget implements IRenderMime.IRenderer {
+  constructor(private readonly _locate: JobsLocator) {
+    super();
+    this.addClass('jp-polycell-handle');
+  }
+
+  async renderModel(model: IRenderMime.IMimeModel): Promise<void> {
+    this._data = model.data[HANDLE_MIME] as unknown as IHandleData;
+    this._connect();
+    this._render();
+  }
+
+  protected onAfterAttach(): void {
+    this._connect(); // rendered before it was in a notebook: find its kernel now
+    this._render();
+  }
+
+  protected onBeforeDetach(): void {
+    this._stopTicking();
+  }
+
+  dispose(): void {
+    this._stopTicking();
+    this._jobs?.changed.disconnect(this._onChanged, this);
+    super.dispose();
+  }
+
+  /** The live job, when this handle is of a job of the kernel the notebook talks to. */
+  private get _live(): IJob | undefined {
+    const jobs = this._jobs;
+    if (!jobs || !this._data || jobs.session !== this._data.session) {
+      return undefined;
+    }
+    return jobs.job(this._data.job);
+  }
+
+  private _connect(): void {
+    if (this._jobs || !this.node.isConnected) {
+      return;
+    }
+    this._jobs = this._locate(this.node);
+    this._jobs?.changed.connect(this._onChanged, this);
+  }
+
+  private _onChanged(_: KernelJobs, change: IJobChange): void {
+    if (this._data && (change.job.id === this._data.job || change.job.id === 0)) {
+      this._render();
+    }
+  }
+
+  private _render(): void {
+    const data = this._data;
+    if (!data) {
+      return;
+    }
+    const live = this._live;
+    const status = live?.status ?? data.status;
+    const elapsed = live ? elapsedNow(live) : data.elapsed;
+    const running = !ENDED.has(status);
+    this.node.dataset.job = String(data.job);
+    this.node.dataset.status = status;
+    this.node.replaceChildren();
+    const label = document.createElement('span');
+    label.className = 'jp-polycell-handle-label';
+    label.append('⧉ job ');
+    const id = document.createElement('b');
+    id.textContent = String(data.job);
+    const name = document.createElement('i');
+    name.textContent = data.name;
+    label.append(id, ' ', name, ` (${data.mode})`);
+    const badge = document.createElement('span');
+    badge.className = `jp-polycell-badge jp-polycell-status-${status}`;
+    badge.textContent = status;
+    const clock = document.createElement('span');
+    clock.className = 'jp-polycell-elapsed';
+    clock.textContent = running ? formatElapsed(elapsed) : `after ${formatElapsed(elapsed)}`;
+    this._clock = clock;
+    this.node.append(label, badge, clock);
+    if (live && running && status !== 'killing') {
+      const kill = document.createElement('button');
+      kill.className = 'jp-polycell-kill jp-mod-styled jp-mod-warn';
+      kill.textContent = 'Kill';
+      kill.title = `Kill job ${data.job}`;
+      kill.onclick = () => void this._kill(kill);
+      this.node.append(kill);
+    }
+    if (live && running) {
+      this._startTicking();
+    } else {
+      this._stopTicking();
+    }
+  }
+
+  private async _kill(button: HTMLButtonElement): Promise<void> {
+    const jobs = this._jobs;
+    if (!jobs || !this._data) {
+      return;
+    }
+    button.disabled = true;
+    try {
+      await jobs.kill(this._data.job); // the handle's next update says how it went
+    } catch (error) {
+      button.disabled = false;
+      button.title = `Kill failed: ${(error as Error).message}`;
+    }
+  }
+
+  /** Once a second while the job runs: only the clock changes (the Kill button stays put). */
+  private _tick(): void {
+    const live = this._live;
+    if (live && this._clock) {
+      this._clock.textContent = formatElapsed(elapsedNow(live));
+    }
+  }
+
+  private _startTicking(): void {
+    if (this._ticker === undefined && this.isAttached) {
+      this._ticker = setInterval(() => this._tick(), 1000);
+    }
+  }
+
+  private _stopTicking(): void {
+    if (this._ticker !== undefined) {
+      clearInterval(this._ticker);
+      this._ticker = undefined;
+    }
+  }
+
+  private _data: IHandleData | undefined;
+  private _clock: HTMLElement | undefined;
+  private _jobs: KernelJobs | undefined;
+  private _ticker: ReturnType<typeof setInterval> | undefined;
+}
+
+/** The renderer factory, registered on the app's rendermime registry by the plugin. */
+export function handleRendererFactory(locate: JobsLocator): IRenderMime.IRendererFactory {
+  return {
+    safe: true,
+    mimeTypes: [HANDLE_MIME],
+    defaultRank: 10, // ahead of text/html (50): the handle is live where this extension is
+    createRenderer: () => new HandleWidget(locate)
+  };
+}

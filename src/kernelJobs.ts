@@ -1,0 +1,409 @@
+/**
+ * The jobs of one kernel, as one page sees them, and their output put back
+ * into their cells after a reload.
+ *
+ * A page learns of jobs from two sources: the kernel's `jobs` list (asked over
+ * the control channel whenever the page connects to the kernel) and the iopub
+ * messages it already receives (every job message carries `metadata.polycell`).
+ * It asks only a kernel whose kernel_info says polycell is there, or that sent
+ * a job message: a kernel without polycell gets no request.
+ *
+ * Reattaching: JupyterLab routes a kernel message to a cell by the request the
+ * message answers, and only while that request's future lives in this page. A
+ * job started before the page loaded (a reload, another tab) sends its output
+ * for a request no future of this page knows, and JupyterLab drops it. So for
+ * each job started from a cell of this notebook by a request this page did not
+ * send, while that cell has run nothing since, the page rebuilds the cell: the
+ * job's handle, its journal replayed up to a position, then its live messages
+ * past that position (each message says where it starts in the journal), so
+ * every output is there once, in order.
+ */
+import { ICodeCellModel } from '@jupyterlab/cells';
+import { INotebookModel } from '@jupyterlab/notebook';
+import { IOutputAreaModel } from '@jupyterlab/outputarea';
+import { Kernel, KernelMessage } from '@jupyterlab/services';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import {
+  ENDED,
+  HANDLE_MIME,
+  IHandleData,
+  IJobRow,
+  IJobsReply,
+  IRecord,
+  ITailReply,
+  handleOutput,
+  hasPolycell,
+  liveMark,
+  recordOutput,
+  request,
+  textAfter,
+  textLength
+} from './protocol';
+
+/** What the page knows of one job; `elapsed` was true at `seenAt` (performance.now()). */
+export interface IJob {
+  id: number;
+  name: string;
+  mode: string;
+  status: string;
+  elapsed: number;
+  seenAt: number;
+  lastLine: string;
+  cellId?: string;
+  request?: string;
+}
+
+/** A change of one job: `ended` when this page saw it go from running to its end. */
+export interface IJobChange {
+  job: IJob;
+  ended: boolean;
+}
+
+/** Execute requests sent from this page, by any of its kernel connections: their output comes natively. */
+const sentFromThisPage = new Set<string>();
+
+/** The elapsed seconds of a job now, ticking while it runs. */
+export function elapsedNow(job: IJob): number {
+  return ENDED.has(job.status) ? job.elapsed : job.elapsed + (performance.now() - job.seenAt) / 1000;
+}
+
+/** A cell whose output this page rebuilds and follows, and how far it has each of its jobs. */
+interface IFollowed {
+  outputs: IOutputAreaModel;
+  request: string;
+  /** Per job: the journal position its output reaches in the cell; undefined while replaying. */
+  positions: Map<number, number | undefined>;
+  /** Live messages that came while a job was being replayed. */
+  waiting: KernelMessage.IIOPubMessage[];
+  /** Output index of each display id the job showed, for its updates. */
+  displays: Map<string, number[]>;
+}
+
+export class KernelJobs {
+  constructor(readonly kernel: Kernel.IKernelConnection) {
+    kernel.iopubMessage.connect(this._onIOPub, this);
+    kernel.anyMessage.connect(this._onAnyMessage, this);
+    kernel.statusChanged.connect(this._onStatus, this);
+  }
+
+  /** The kernel's jobs changed (a new job, a new status, a new line). */
+  get changed(): ISignal<this, IJobChange> {
+    return this._changed;
+  }
+
+  /** The kernel said it has polycell (kernel_info or a job message). */
+  get active(): boolean {
+    return this._active;
+  }
+
+  /** The kernel process the jobs belong to (see `IHandleData.session`), once known. */
+  get session(): string {
+    return this._session;
+  }
+
+  get jobs(): IJob[] {
+    return [...this._jobs.values()].sort((a, b) => a.id - b.id);
+  }
+
+  job(id: number): IJob | undefined {
+    return this._jobs.get(id);
+  }
+
+  dispose(): void {
+    Signal.clearData(this);
+    this._followed.clear();
+  }
+
+  /** Kill a job; the reply's outcome ("killed", "kill requested", "already ended"). */
+  async kill(id: number): Promise<string> {
+    const reply = await request<{ outcome: string }>(this.kernel, { action: 'kill', job: id });
+    return reply.outcome;
+  }
+
+  /**
+   * Learn the kernel's jobs and put the output of this notebook's jobs back in
+   * their cells. Called when the page connects to the kernel; does nothing on
+   * a kernel without polycell.
+   */
+  async sync(notebook: INotebookModel | null): Promise<void> {
+    if (!this._active) {
+      const info = await this.kernel.info.catch(() => undefined);
+      this._active = hasPolycell(info);
+      if (!this._active) {
+        return;
+      }
+    }
+    this._syncing++;
+    try {
+      const reply = await request<IJobsReply>(this.kernel, { action: 'jobs' });
+      this._session = reply.session;
+      for (const row of reply.jobs) {
+        this._update(row.id, fromRow(row), false);
+      }
+      if (notebook) {
+        await this._reattach(notebook, reply);
+      }
+    } finally {
+      this._syncing--;
+      if (this._syncing === 0) {
+        this._early = [];
+      }
+    }
+  }
+
+  // -- reattaching ------------------------------------------------------------------
+
+  private async _reattach(notebook: INotebookModel, reply: IJobsReply): Promise<void> {
+    const byCell = new Map<string, IJobRow[]>();
+    for (const row of reply.jobs) {
+      const { cell_id: cellId, request: msgId } = row.info;
+      if (
+        !cellId ||
+        !msgId ||
+        reply.cells[cellId] !== msgId || // the cell ran something else since
+        sentFromThisPage.has(msgId) || // JupyterLab routes its output already
+        this._followed.has(msgId)
+      ) {
+        continue;
+      }
+      byCell.set(cellId, [...(byCell.get(cellId) ?? []), row]);
+    }
+    for (const [cellId, rows] of byCell) {
+      const cell = findCodeCell(notebook, cellId);
+      if (!cell) {
+        continue; // deleted, or of another notebook on this kernel
+      }
+      const followed: IFollowed = {
+        outputs: cell.outputs,
+        request: rows[0].info.request!,
+        positions: new Map(rows.map(row => [row.id, undefined])),
+        waiting: [],
+        displays: new Map()
+      };
+      this._followed.set(followed.request, followed);
+      cell.outputs.clear();
+      for (const row of rows) {
+        cell.outputs.add(handleOutput(this._handleData(row)));
+        let position = 0;
+        for (;;) {
+          const tail = await request<ITailReply>(this.kernel, { action: 'tail', job: row.id, since: position });
+          for (const record of tail.records) {
+            this._apply(followed, record);
+          }
+          position = tail.position;
+          if (tail.ended || tail.records.length === 0) {
+            break; // the rest comes live: this page listened before it asked
+          }
+        }
+        followed.positions.set(row.id, position);
+      }
+      // What came live meanwhile, then everything after it as it comes.
+      const early = [...this._early, ...followed.waiting].filter(
+        msg => msg.parent_header && (msg.parent_header as any).msg_id === followed.request
+      );
+      followed.waiting = [];
+      for (const msg of early) {
+        this._live(followed, msg);
+      }
+    }
+  }
+
+  private _handleData(row: IJobRow): IHandleData {
+    return {
+      job: row.id,
+      name: row.name,
+      mode: row.mode,
+      status: row.status,
+      done: ENDED.has(row.status),
+      elapsed: row.elapsed,
+      session: this._session,
+      cell_id: row.info.cell_id ?? null
+    };
+  }
+
+  /** A live message for a followed cell: kept when it lies past what the cell has of its job. */
+  private _live(followed: IFollowed, msg: KernelMessage.IIOPubMessage): void {
+    const mark = liveMark(msg);
+    if (!mark || !followed.positions.has(mark.job)) {
+      return;
+    }
+    const position = followed.positions.get(mark.job);
+    if (position === undefined) {
+      followed.waiting.push(msg); // still replaying this job
+      return;
+    }
+    const content = msg.content as any;
+    if (mark.handle) {
+      this._replaceHandle(followed.outputs, content.data);
+      if (ENDED.has(mark.status ?? '')) {
+        followed.positions.delete(mark.job); // its last message: the end update comes after all output
+        if (followed.positions.size === 0) {
+          this._followed.delete(followed.request);
+        }
+      }
+      return;
+    }
+    if (mark.pos === undefined) {
+      return; // a line for terminals (the end of a job), not for a notebook
+    }
+    const type = msg.header.msg_type;
+    if (type === 'stream') {
+      const text = textAfter(content.text, mark.pos, position);
+      if (text) {
+        this._apply(followed, { msg_type: 'stream', content: { ...content, text } });
+      }
+      followed.positions.set(mark.job, Math.max(position, mark.pos + textLength(content.text)));
+    } else if (mark.pos >= position) {
+      this._apply(followed, { msg_type: type, content });
+      followed.positions.set(mark.job, mark.pos + 1);
+    }
+  }
+
+  /** Put one record of a job into its cell, as JupyterLab's output area does with a message. */
+  private _apply(followed: IFollowed, record: IRecord): void {
+    const outputs = followed.outputs;
+    const content = record.content as any;
+    if (record.msg_type === 'clear_output') {
+      outputs.clear(Boolean(content.wait));
+      followed.displays.clear();
+      return;
+    }
+    if (record.msg_type === 'update_display_data') {
+      const id = content.transient?.display_id;
+      for (const index of followed.displays.get(id) ?? []) {
+        if (index < outputs.length) {
+          outputs.set(index, { output_type: 'display_data', data: content.data, metadata: content.metadata ?? {} });
+        }
+      }
+      return;
+    }
+    const output = recordOutput(record);
+    if (!output) {
+      return;
+    }
+    outputs.add(output);
+    const id = content.transient?.display_id;
+    if (id && output.output_type !== 'stream') {
+      followed.displays.set(id, [...(followed.displays.get(id) ?? []), outputs.length - 1]);
+    }
+  }
+
+  private _replaceHandle(outputs: IOutputAreaModel, data: any): void {
+    const shown = data?.[HANDLE_MIME] as IHandleData | undefined;
+    if (!shown) {
+      return;
+    }
+    for (let i = 0; i < outputs.length; i++) {
+      const old = outputs.get(i).data[HANDLE_MIME] as unknown as IHandleData | undefined;
+      if (old && old.job === shown.job && old.session === shown.session) {
+        outputs.set(i, { output_type: 'display_data', data, metadata: {} });
+      }
+    }
+  }
+
+  // -- the messages this page receives ---------------------------------------------------
+
+  private _onAnyMessage(_: Kernel.IKernelConnection, args: Kernel.IAnyMessageArgs): void {
+    if (args.direction === 'send' && args.msg.header.msg_type === 'execute_request') {
+      sentFromThisPage.add(args.msg.header.msg_id);
+    }
+  }
+
+  private _onIOPub(_: Kernel.IKernelConnection, msg: KernelMessage.IIOPubMessage): void {
+    const mark = liveMark(msg);
+    if (!mark) {
+      return;
+    }
+    this._active = true;
+    const content = msg.content as any;
+    if (mark.handle) {
+      const data = content.data?.[HANDLE_MIME] as IHandleData | undefined;
+      if (data) {
+        this._session = data.session;
+        const { name, mode, status, elapsed } = data;
+        this._update(mark.job, { name, mode, status, elapsed, cellId: data.cell_id ?? undefined }, true);
+      }
+    } else if (msg.header.msg_type === 'stream') {
+      const line = lastLine(content.text);
+      if (line) {
+        this._update(mark.job, { lastLine: line }, true);
+      }
+    }
+    const parent = (msg.parent_header as any)?.msg_id as string | undefined;
+    const followed = parent ? this._followed.get(parent) : undefined;
+    if (followed) {
+      this._live(followed, msg);
+    } else if (this._syncing > 0) {
+      this._early.push(msg); // perhaps for a cell about to be reattached
+    }
+  }
+
+  private _onStatus(_: Kernel.IKernelConnection, status: Kernel.Status): void {
+    if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
+      this._jobs.clear(); // a new kernel process: its job ids start again at 1
+      this._followed.clear();
+      this._session = '';
+      this._changed.emit({ job: { id: 0 } as IJob, ended: false });
+    }
+  }
+
+  private _update(id: number, fields: Partial<IJob>, live: boolean): void {
+    const old = this._jobs.get(id);
+    const job: IJob = {
+      id,
+      name: '',
+      mode: '',
+      status: 'running',
+      elapsed: 0,
+      lastLine: '',
+      ...old,
+      ...fields,
+      seenAt: fields.elapsed !== undefined ? performance.now() : (old?.seenAt ?? performance.now())
+    };
+    this._jobs.set(id, job);
+    const ended = live && ENDED.has(job.status) && (!old || !ENDED.has(old.status));
+    this._changed.emit({ job, ended });
+  }
+
+  private _jobs = new Map<number, IJob>();
+  private _followed = new Map<string, IFollowed>();
+  private _early: KernelMessage.IIOPubMessage[] = [];
+  private _syncing = 0;
+  private _active = false;
+  private _session = '';
+  private _changed = new Signal<this, IJobChange>(this);
+}
+
+function fromRow(row: IJobRow): Partial<IJob> {
+  return {
+    name: row.name,
+    mode: row.mode,
+    status: row.status,
+    elapsed: row.elapsed,
+    lastLine: row.last_output,
+    cellId: row.info.cell_id,
+    request: row.info.request
+  };
+}
+
+function findCodeCell(notebook: INotebookModel, cellId: string): ICodeCellModel | undefined {
+  for (const cell of notebook.cells) {
+    if (cell.id === cellId) {
+      return cell.type === 'code' ? (cell as ICodeCellModel) : undefined;
+    }
+  }
+  return undefined;
+}
+
+/** The last non-blank line of stream text; of a line a progress bar redraws, the last drawing. */
+export function lastLine(text: string): string {
+  const lines = text.split('\n');
+  for (let i = lines.length - 1; i >= 0; i--) {
+    const drawn = lines[i].replace(/\r+$/, '').split('\r').pop()!.trim();
+    if (drawn) {
+      return drawn;
+    }
+  }
+  return '';
+}
