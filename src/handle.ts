@@ -60,7 +60,9 @@ export class HandleWidget extends Widget implements IRenderMime.IRenderer {
   }
 
   private _onChanged(_: KernelJobs, change: IJobChange): void {
-    if (this._data && (change.job.id === this._data.job || change.job.id === 0)) {
+    // Redrawn when its status changes, not for each line the job prints.
+    const mine = this._data && (change.job.id === this._data.job || change.job.id === 0);
+    if (mine && this.node.dataset.status !== (this._live?.status ?? this._data!.status)) {
       this._render();
     }
   }

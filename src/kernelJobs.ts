@@ -33,7 +33,7 @@ import {
   IRecord,
   ITailReply,
   handleOutput,
-  hasPolycell,
+  kernelHasPolycell,
   liveMark,
   recordOutput,
   request,
@@ -128,8 +128,7 @@ export class KernelJobs {
    */
   async sync(notebook: INotebookModel | null): Promise<void> {
     if (!this._active) {
-      const info = await this.kernel.info.catch(() => undefined);
-      this._active = hasPolycell(info);
+      this._active = await kernelHasPolycell(this.kernel);
       if (!this._active) {
         return;
       }

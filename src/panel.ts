@@ -30,10 +30,18 @@ export class JobsPanel extends Widget {
     this.title.label = '';
   }
 
-  /** Draw again (a job changed); cheap, and only when the panel is visible. */
+  /**
+   * Draw again soon (a job changed), when the panel is visible: the changes of
+   * a quarter of a second (a job printing a flood of lines) make one drawing.
+   */
   refresh(): void {
-    if (this.isVisible) {
-      this._render();
+    if (this.isVisible && this._pending === undefined) {
+      this._pending = setTimeout(() => {
+        this._pending = undefined;
+        if (this.isVisible) {
+          this._render();
+        }
+      }, 250);
     }
   }
 
@@ -49,6 +57,7 @@ export class JobsPanel extends Widget {
 
   dispose(): void {
     clearInterval(this._ticker);
+    clearTimeout(this._pending);
     super.dispose();
   }
 
@@ -139,4 +148,5 @@ export class JobsPanel extends Widget {
 
   private _clocks: Array<[HTMLElement, IJob]> = [];
   private _ticker: ReturnType<typeof setInterval> | undefined;
+  private _pending: ReturnType<typeof setTimeout> | undefined;
 }

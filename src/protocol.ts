@@ -89,9 +89,34 @@ export async function request<T>(
   kernel: Kernel.IKernelConnection,
   content: JSONObject
 ): Promise<T> {
-  // Not a message type @jupyterlab/services knows, so not one its types allow.
+  const answer = await controlRequest(kernel, 'polycell_request', content);
+  if (answer.status !== 'ok') {
+    throw new PolycellError(String(answer.evalue ?? 'the kernel refused the request'));
+  }
+  return answer as T;
+}
+
+/**
+ * Whether the kernel has polycell, from its kernel_info: the one JupyterLab asked
+ * for when it connected, or the one asked here on the control channel, whichever
+ * comes first (the first waits while a foreground cell keeps the kernel busy).
+ */
+export async function kernelHasPolycell(kernel: Kernel.IKernelConnection): Promise<boolean> {
+  const asked = controlRequest(kernel, 'kernel_info_request', {}) as Promise<KernelMessage.IInfoReply>;
+  const info = await new Promise<KernelMessage.IInfoReply | undefined>(resolve => {
+    let failed = 0; // the slower one may fail or time out: nothing to say
+    for (const reply of [kernel.info, asked]) {
+      reply.then(resolve, () => ++failed === 2 && resolve(undefined));
+    }
+  });
+  return hasPolycell(info);
+}
+
+/** The content of the reply to one control-channel request. */
+async function controlRequest(kernel: Kernel.IKernelConnection, msgType: string, content: JSONObject): Promise<any> {
+  // polycell_request is not a message type @jupyterlab/services knows, so not one its types allow.
   const msg = KernelMessage.createMessage({
-    msgType: 'polycell_request',
+    msgType,
     channel: 'control',
     session: kernel.clientId,
     username: kernel.username,
@@ -107,11 +132,7 @@ export async function request<T>(
   });
   try {
     const reply = (await Promise.race([future.done, timeout])) as KernelMessage.IMessage;
-    const answer = reply.content as any;
-    if (answer.status !== 'ok') {
-      throw new PolycellError(String(answer.evalue ?? 'the kernel refused the request'));
-    }
-    return answer as T;
+    return reply.content;
   } finally {
     clearTimeout(timer);
     if (!future.isDisposed) {

@@ -94,11 +94,11 @@ class NotebookPage:
         expect(panel).to_be_visible(timeout=TIMEOUT_MS)
         return panel
 
-    def reload(self) -> None:
+    def reload(self, *, busy: bool = False) -> None:
         self.page.reload()
-        self.wait_ready()
+        self.wait_ready(busy=busy)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, *, busy: bool = False) -> None:
         """The notebook's cells are on the page and its kernel is connected and idle.
 
         The status bar says "<kernel> | Idle" only once the page is connected to the
@@ -106,6 +106,9 @@ class NotebookPage:
         cells run then would silently not run.
         """
         expect(self.cells).to_have_count(self.cell_count, timeout=TIMEOUT_MS)
+        if busy:  # a cell keeps the kernel busy: the page is connected once its cells show
+            expect(self.page.locator(".jp-Notebook")).to_be_visible(timeout=TIMEOUT_MS)
+            return
         if self.app == "notebook":
             # Notebook 7 has no status bar: its toolbar's kernel status says the same.
             status = self.page.locator(".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator")

@@ -35,13 +35,14 @@ def handle(nb: NotebookPage, index: int):
 def gated_job(gate: Path, name: str = "reloaded") -> str:
     """A job printing a line every 0.1 s until `gate` exists, then one more line.
 
-    Its counter is a function's own: jobs share the notebook's namespace.
+    `gate` is in the server's root, the kernel's working directory, and named
+    from there. The counter is a function's own: jobs share the notebook's namespace.
     """
     return (
         f"%%bg --name {name}\nimport os, time\n\ndef count(gate):\n    n = 0\n"
         "    while not (os.path.exists(gate) and n >= 3):\n"
         '        print(f"line {n}")\n        n += 1\n        time.sleep(0.1)\n'
-        f'    print("final line")\n\ncount({str(gate)!r})'
+        f'    print("final line")\n\ncount({gate.name!r})'
     )
 
 
@@ -58,9 +59,9 @@ def expect_whole_output(nb: NotebookPage, index: int) -> list[int]:
 
 @pytest.mark.parametrize("kernel", ["polycell", "python3"])
 def test_a_running_job_continues_in_its_own_cell_after_a_reload(
-    open_notebook: OpenNotebook, tmp_path: Path, kernel: str
+    open_notebook: OpenNotebook, lab: LabServer, kernel: str
 ) -> None:
-    gate = tmp_path / "gate"
+    gate = lab.root / f"gate-{kernel}"
     setup = "%load_ext polycell" if kernel == "python3" else "import polycell"
     nb = open_notebook(f"reattach-{kernel}", [setup, gated_job(gate)], kernel=kernel)
     nb.run(0)
@@ -77,10 +78,32 @@ def test_a_running_job_continues_in_its_own_cell_after_a_reload(
     assert nb.polycell_console_errors() == []
 
 
-def test_another_tab_sees_the_job_and_a_job_that_ended_meanwhile(
-    open_notebook: OpenNotebook, lab: LabServer, tmp_path: Path
+def test_a_reload_while_a_foreground_cell_runs_still_gets_the_job_back(
+    open_notebook: OpenNotebook, lab: LabServer
 ) -> None:
-    gate = tmp_path / "gate"
+    """The kernel is asked over its control channel, which answers while the main thread is busy."""
+    gate = lab.root / "gate-busy"
+    nb = open_notebook("busy", ["import polycell, time", gated_job(gate, "busy"), "time.sleep(600)"])
+    nb.run(0)
+    nb.run(1)
+    nb.expect_output(1, "line 3")
+    nb.run(2)
+    nb.expect_running(2)
+    nb.reload(busy=True)
+    nb.expect_output(1, "line 0")
+    expect(handle(nb, 1)).to_have_attribute("data-status", "running", timeout=TIMEOUT_MS)
+    seen = max(numbered(nb.output_text(1)))
+    nb.expect_output(1, f"line {seen + 3}")
+    gate.touch()
+    expect_whole_output(nb, 1)
+    nb.interrupt()
+    assert nb.polycell_console_errors() == []
+
+
+def test_another_tab_sees_the_job_and_a_job_that_ended_meanwhile(
+    open_notebook: OpenNotebook, lab: LabServer
+) -> None:
+    gate = lab.root / "gate-tabs"
     first = open_notebook("tabs", ["import polycell", gated_job(gate, "tabs")])
     first.run(0)
     first.run(1)
@@ -105,8 +128,8 @@ def test_another_tab_sees_the_job_and_a_job_that_ended_meanwhile(
     assert first.polycell_console_errors() == third.polycell_console_errors() == []
 
 
-def test_a_cell_run_again_gets_back_only_its_new_job(open_notebook: OpenNotebook, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
+def test_a_cell_run_again_gets_back_only_its_new_job(open_notebook: OpenNotebook, lab: LabServer) -> None:
+    gate = lab.root / "gate-rerun"
     nb = open_notebook("rerun", ["import polycell", gated_job(gate, "again")])
     nb.run(0)
     nb.run(1)
@@ -189,9 +212,9 @@ def test_a_long_jobs_end_is_a_notification_that_goes_to_its_cell(open_notebook: 
 
 
 def test_notebook_7_puts_a_job_back_in_its_cell_after_a_reload_and_kills_it(
-    open_notebook: OpenNotebook, tmp_path: Path
+    open_notebook: OpenNotebook, lab: LabServer
 ) -> None:
-    gate = tmp_path / "gate"
+    gate = lab.root / "gate-notebook7"
     nb = open_notebook("notebook7", ["import polycell", gated_job(gate)], app="notebook")
     nb.run(0)
     nb.run(1)
