@@ -2,7 +2,7 @@
  * The job handle, rendered live: job id and name, mode, a status badge, the
  * elapsed time ticking while the job runs, and a Kill button.
  *
- * The handle's data says which kernel process the job is of (`session`): a
+ * The handle's data says which kernel process the job is of (`kernel_process`): a
  * handle saved in a notebook from an earlier kernel shows what it last said,
  * and offers no Kill.
  */
@@ -45,25 +45,28 @@ export class HandleWidget extends Widget implements IRenderMime.IRenderer {
   /** The live job, when this handle is of a job of the kernel the notebook talks to. */
   private get _live(): IJob | undefined {
     const jobs = this._jobs;
-    if (!jobs || !this._data || jobs.session !== this._data.session) {
+    if (!jobs || !this._data || jobs.kernelProcess !== this._data.kernel_process) {
       return undefined;
     }
     return jobs.job(this._data.job);
   }
 
   private _connect(): void {
-    if (this._jobs || !this.node.isConnected) {
+    if ((this._jobs && !this._jobs.kernel.isDisposed) || !this.node.isConnected) {
       return;
     }
+    this._jobs?.changed.disconnect(this._onChanged, this);
     this._jobs = this._locate(this.node);
     this._jobs?.changed.connect(this._onChanged, this);
   }
 
   private _onChanged(_: KernelJobs, change: IJobChange): void {
-    // Redrawn when its status changes, not for each line the job prints.
-    const mine = this._data && (change.job.id === this._data.job || change.job.id === 0);
-    if (mine && this.node.dataset.status !== (this._live?.status ?? this._data!.status)) {
-      this._render();
+    // Redrawn when its status or liveness changes, not for each line the job prints.
+    if (this._data && (change.job === null || change.job.id === this._data.job)) {
+      const live = this._live;
+      if (this.node.dataset.status !== (live?.status ?? this._data.status) || this._drawnLive !== !!live) {
+        this._render();
+      }
     }
   }
 
@@ -72,7 +75,9 @@ export class HandleWidget extends Widget implements IRenderMime.IRenderer {
     if (!data) {
       return;
     }
+    this._connect(); // a handle drawn before its notebook had a kernel finds it now
     const live = this._live;
+    this._drawnLive = !!live;
     const status = live?.status ?? data.status;
     const elapsed = live ? elapsedNow(live) : data.elapsed;
     const running = !ENDED.has(status);
@@ -146,6 +151,7 @@ export class HandleWidget extends Widget implements IRenderMime.IRenderer {
   }
 
   private _data: IHandleData | undefined;
+  private _drawnLive = false;
   private _clock: HTMLElement | undefined;
   private _jobs: KernelJobs | undefined;
   private _ticker: ReturnType<typeof setInterval> | undefined;

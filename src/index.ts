@@ -69,8 +69,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const onChanged = (jobs: KernelJobs, change: IJobChange): void => {
       jobsPanel.refresh();
       const { job, ended } = change;
-      const key = `${jobs.kernel.id}/${jobs.session}/${job.id}`;
-      if (!ended || job.elapsed < notifyAfterSeconds || notified.has(key)) {
+      if (!job || !ended || job.elapsed < notifyAfterSeconds) {
+        return;
+      }
+      // Once per job, though every notebook on its kernel has a connection that saw it end.
+      const key = `${jobs.kernel.id}/${jobs.kernelProcess}/${job.id}`;
+      if (notified.has(key)) {
         return;
       }
       notified.add(key);

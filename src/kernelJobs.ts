@@ -37,8 +37,7 @@ import {
   liveMark,
   recordOutput,
   request,
-  textAfter,
-  textLength
+  textAfter
 } from './protocol';
 
 /** What the page knows of one job; `elapsed` was true at `seenAt` (performance.now()). */
@@ -51,12 +50,15 @@ export interface IJob {
   seenAt: number;
   lastLine: string;
   cellId?: string;
-  request?: string;
 }
 
-/** A change of one job: `ended` when this page saw it go from running to its end. */
+/**
+ * A change of one job (`job` null: of them all, as when the kernel restarts or
+ * the page learns which kernel process it talks to); `ended` when this page saw
+ * the job go from running to its end.
+ */
 export interface IJobChange {
-  job: IJob;
+  job: IJob | null;
   ended: boolean;
 }
 
@@ -97,9 +99,9 @@ export class KernelJobs {
     return this._active;
   }
 
-  /** The kernel process the jobs belong to (see `IHandleData.session`), once known. */
-  get session(): string {
-    return this._session;
+  /** The kernel process the jobs belong to (see `IHandleData.kernel_process`), once known. */
+  get kernelProcess(): string {
+    return this._kernelProcess;
   }
 
   get jobs(): IJob[] {
@@ -110,9 +112,13 @@ export class KernelJobs {
     return this._jobs.get(id);
   }
 
+  /** The connection is gone (the notebook changed kernel, or closed): its handles go still. */
   dispose(): void {
-    Signal.clearData(this);
+    this._jobs.clear();
     this._followed.clear();
+    this._kernelProcess = '';
+    this._changed.emit({ job: null, ended: false });
+    Signal.clearData(this);
   }
 
   /** Kill a job; the reply's outcome ("killed", "kill requested", "already ended"). */
@@ -124,30 +130,46 @@ export class KernelJobs {
   /**
    * Learn the kernel's jobs and put the output of this notebook's jobs back in
    * their cells. Called when the page connects to the kernel; does nothing on
-   * a kernel without polycell.
+   * a kernel without polycell. One sync runs at a time: a call meanwhile (the
+   * page connects, then the session says so again) makes one more run after it.
    */
-  async sync(notebook: INotebookModel | null): Promise<void> {
+  sync(notebook: INotebookModel | null): Promise<void> {
+    if (this._sync) {
+      this._again = notebook;
+      return this._sync;
+    }
+    this._sync = this._syncOnce(notebook).finally(() => {
+      this._sync = null;
+      if (this._again !== undefined) {
+        const again = this._again;
+        this._again = undefined;
+        this.sync(again).catch(error => console.warn(`polycell: could not reattach jobs: ${error.message}`));
+      }
+    });
+    return this._sync;
+  }
+
+  private async _syncOnce(notebook: INotebookModel | null): Promise<void> {
     if (!this._active) {
       this._active = await kernelHasPolycell(this.kernel);
       if (!this._active) {
         return;
       }
     }
-    this._syncing++;
+    this._syncing = true;
     try {
       const reply = await request<IJobsReply>(this.kernel, { action: 'jobs' });
-      this._session = reply.session;
+      this._kernelProcess = reply.kernel_process;
       for (const row of reply.jobs) {
         this._update(row.id, fromRow(row), false);
       }
+      this._changed.emit({ job: null, ended: false }); // handles drawn before now may be live
       if (notebook) {
         await this._reattach(notebook, reply);
       }
     } finally {
-      this._syncing--;
-      if (this._syncing === 0) {
-        this._early = [];
-      }
+      this._syncing = false;
+      this._early = [];
     }
   }
 
@@ -170,8 +192,8 @@ export class KernelJobs {
     }
     for (const [cellId, rows] of byCell) {
       const cell = findCodeCell(notebook, cellId);
-      if (!cell) {
-        continue; // deleted, or of another notebook on this kernel
+      if (!cell || this._showsTheirEnd(cell.outputs, rows)) {
+        continue; // deleted (or of another notebook on this kernel); or saved as it is now
       }
       const followed: IFollowed = {
         outputs: cell.outputs,
@@ -181,31 +203,57 @@ export class KernelJobs {
         displays: new Map()
       };
       this._followed.set(followed.request, followed);
-      cell.outputs.clear();
-      for (const row of rows) {
-        cell.outputs.add(handleOutput(this._handleData(row)));
-        let position = 0;
-        for (;;) {
-          const tail = await request<ITailReply>(this.kernel, { action: 'tail', job: row.id, since: position });
-          for (const record of tail.records) {
-            this._apply(followed, record);
-          }
-          position = tail.position;
-          if (tail.ended || tail.records.length === 0) {
-            break; // the rest comes live: this page listened before it asked
-          }
+      try {
+        cell.outputs.clear();
+        for (const row of rows) {
+          cell.outputs.add(handleOutput(this._handleData(row)));
+          followed.positions.set(row.id, await this._replay(followed, row.id));
         }
-        followed.positions.set(row.id, position);
+      } catch (error) {
+        this._followed.delete(followed.request); // the next sync tries again
+        throw error;
       }
       // What came live meanwhile, then everything after it as it comes.
       const early = [...this._early, ...followed.waiting].filter(
-        msg => msg.parent_header && (msg.parent_header as any).msg_id === followed.request
+        msg => (msg.parent_header as any)?.msg_id === followed.request
       );
       followed.waiting = [];
       for (const msg of early) {
         this._live(followed, msg);
       }
     }
+  }
+
+  /**
+   * Put a job's journal into its cell; returns the position it reaches.
+   *
+   * Asked until a reply reaches the journal's end as it was then: the page
+   * listened before it asked, so whatever the job writes after that comes live.
+   */
+  private async _replay(followed: IFollowed, job: number): Promise<number> {
+    let position = 0;
+    for (;;) {
+      const tail = await request<ITailReply>(this.kernel, { action: 'tail', job, since: position });
+      for (const record of tail.records) {
+        this._apply(followed, record);
+      }
+      position = tail.position;
+      if (tail.caught_up || tail.ended) {
+        return position;
+      }
+    }
+  }
+
+  /** The cell already shows the end of each of these jobs (it was saved so): nothing to redo. */
+  private _showsTheirEnd(outputs: IOutputAreaModel, rows: IJobRow[]): boolean {
+    const ended = new Set<number>();
+    for (let i = 0; i < outputs.length; i++) {
+      const shown = outputs.get(i).data[HANDLE_MIME] as unknown as IHandleData | undefined;
+      if (shown?.done && shown.kernel_process === this._kernelProcess) {
+        ended.add(shown.job);
+      }
+    }
+    return rows.every(row => ENDED.has(row.status) && ended.has(row.id));
   }
 
   private _handleData(row: IJobRow): IHandleData {
@@ -216,15 +264,28 @@ export class KernelJobs {
       status: row.status,
       done: ENDED.has(row.status),
       elapsed: row.elapsed,
-      session: this._session,
+      kernel_process: this._kernelProcess,
       cell_id: row.info.cell_id ?? null
     };
   }
 
-  /** A live message for a followed cell: kept when it lies past what the cell has of its job. */
+  /**
+   * A live message for a followed cell: kept when it lies at or past the
+   * position the replay of its job reached (live messages are never sent
+   * twice, so that one position is the whole rule).
+   */
   private _live(followed: IFollowed, msg: KernelMessage.IIOPubMessage): void {
     const mark = liveMark(msg);
-    if (!mark || !followed.positions.has(mark.job)) {
+    if (!mark) {
+      return;
+    }
+    const content = msg.content as any;
+    if (!followed.positions.has(mark.job)) {
+      if (mark.handle && msg.header.msg_type === 'display_data') {
+        // A job the same (still running) request started after the page asked: all of it is live.
+        followed.positions.set(mark.job, 0);
+        followed.outputs.add({ output_type: 'display_data', data: content.data, metadata: {} });
+      }
       return;
     }
     const position = followed.positions.get(mark.job);
@@ -232,7 +293,6 @@ export class KernelJobs {
       followed.waiting.push(msg); // still replaying this job
       return;
     }
-    const content = msg.content as any;
     if (mark.handle) {
       this._replaceHandle(followed.outputs, content.data);
       if (ENDED.has(mark.status ?? '')) {
@@ -252,10 +312,8 @@ export class KernelJobs {
       if (text) {
         this._apply(followed, { msg_type: 'stream', content: { ...content, text } });
       }
-      followed.positions.set(mark.job, Math.max(position, mark.pos + textLength(content.text)));
     } else if (mark.pos >= position) {
       this._apply(followed, { msg_type: type, content });
-      followed.positions.set(mark.job, mark.pos + 1);
     }
   }
 
@@ -295,7 +353,7 @@ export class KernelJobs {
     }
     for (let i = 0; i < outputs.length; i++) {
       const old = outputs.get(i).data[HANDLE_MIME] as unknown as IHandleData | undefined;
-      if (old && old.job === shown.job && old.session === shown.session) {
+      if (old && old.job === shown.job && old.kernel_process === shown.kernel_process) {
         outputs.set(i, { output_type: 'display_data', data, metadata: {} });
       }
     }
@@ -319,7 +377,7 @@ export class KernelJobs {
     if (mark.handle) {
       const data = content.data?.[HANDLE_MIME] as IHandleData | undefined;
       if (data) {
-        this._session = data.session;
+        this._kernelProcess = data.kernel_process;
         const { name, mode, status, elapsed } = data;
         this._update(mark.job, { name, mode, status, elapsed, cellId: data.cell_id ?? undefined }, true);
       }
@@ -333,7 +391,7 @@ export class KernelJobs {
     const followed = parent ? this._followed.get(parent) : undefined;
     if (followed) {
       this._live(followed, msg);
-    } else if (this._syncing > 0) {
+    } else if (this._syncing) {
       this._early.push(msg); // perhaps for a cell about to be reattached
     }
   }
@@ -342,8 +400,9 @@ export class KernelJobs {
     if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
       this._jobs.clear(); // a new kernel process: its job ids start again at 1
       this._followed.clear();
-      this._session = '';
-      this._changed.emit({ job: { id: 0 } as IJob, ended: false });
+      this._kernelProcess = '';
+      this._active = false; // the new process may not load polycell: ask again before anything
+      this._changed.emit({ job: null, ended: false });
     }
   }
 
@@ -361,16 +420,20 @@ export class KernelJobs {
       seenAt: fields.elapsed !== undefined ? performance.now() : (old?.seenAt ?? performance.now())
     };
     this._jobs.set(id, job);
-    const ended = live && ENDED.has(job.status) && (!old || !ENDED.has(old.status));
+    // Seen running, then ended (not a job that ended long ago, first heard of now).
+    const ended = live && ENDED.has(job.status) && old !== undefined && !ENDED.has(old.status);
     this._changed.emit({ job, ended });
   }
 
   private _jobs = new Map<number, IJob>();
   private _followed = new Map<string, IFollowed>();
   private _early: KernelMessage.IIOPubMessage[] = [];
-  private _syncing = 0;
+  private _syncing = false;
+  private _sync: Promise<void> | null = null;
+  /** A sync asked for while one ran (undefined: none). */
+  private _again: INotebookModel | null | undefined = undefined;
   private _active = false;
-  private _session = '';
+  private _kernelProcess = '';
   private _changed = new Signal<this, IJobChange>(this);
 }
 
@@ -381,8 +444,7 @@ function fromRow(row: IJobRow): Partial<IJob> {
     status: row.status,
     elapsed: row.elapsed,
     lastLine: row.last_output,
-    cellId: row.info.cell_id,
-    request: row.info.request
+    cellId: row.info.cell_id
   };
 }
 

@@ -28,7 +28,7 @@ export interface IHandleData {
   done: boolean;
   elapsed: number;
   /** The kernel process the job belongs to: job ids start again at 1 in every kernel. */
-  session: string;
+  kernel_process: string;
   /** The cell that started the job (the request's `metadata.cellId`), if a notebook did. */
   cell_id?: string | null;
 }
@@ -46,7 +46,7 @@ export interface IJobRow {
 }
 
 export interface IJobsReply {
-  session: string;
+  kernel_process: string;
   jobs: IJobRow[];
   /** The msg_id of the last request each cell ran, for the cells with jobs. */
   cells: { [cellId: string]: string };
@@ -61,6 +61,8 @@ export interface IRecord {
 export interface ITailReply {
   records: IRecord[];
   position: number;
+  /** The position is the journal's end as it was when the kernel answered. */
+  caught_up: boolean;
   ended: boolean;
   job: IJobRow;
 }
@@ -102,15 +104,24 @@ export async function request<T>(
  * comes first (the first waits while a foreground cell keeps the kernel busy).
  */
 export async function kernelHasPolycell(kernel: Kernel.IKernelConnection): Promise<boolean> {
-  const asked = controlRequest(kernel, 'kernel_info_request', {}) as Promise<KernelMessage.IInfoReply>;
-  const info = await new Promise<KernelMessage.IInfoReply | undefined>(resolve => {
-    let failed = 0; // the slower one may fail or time out: nothing to say
-    for (const reply of [kernel.info, asked]) {
-      reply.then(resolve, () => ++failed === 2 && resolve(undefined));
-    }
-  });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<undefined>(resolve => (timer = setTimeout(resolve, INFO_WAIT_MS)));
+  let info = await Promise.race([kernel.info.catch(() => undefined), late]);
+  clearTimeout(timer);
+  if (info === undefined) {
+    const asked = controlRequest(kernel, 'kernel_info_request', {}) as Promise<KernelMessage.IInfoReply>;
+    info = await new Promise<KernelMessage.IInfoReply | undefined>(resolve => {
+      let failed = 0; // the slower one may fail or time out: nothing to say
+      for (const reply of [kernel.info, asked]) {
+        reply.then(resolve, () => ++failed === 2 && resolve(undefined));
+      }
+    });
+  }
   return hasPolycell(info);
 }
+
+/** How long to wait for JupyterLab's own kernel_info before asking on the control channel. */
+const INFO_WAIT_MS = 1000;
 
 /** The content of the reply to one control-channel request. */
 async function controlRequest(kernel: Kernel.IKernelConnection, msgType: string, content: JSONObject): Promise<any> {
@@ -168,16 +179,6 @@ export function textAfter(text: string, pos: number, position: number): string {
   return Array.from(text)
     .slice(position - pos)
     .join('');
-}
-
-/** The number of positions stream text takes (its code points). */
-export function textLength(text: string): number {
-  let n = 0;
-  for (const _ of text) {
-    void _;
-    n++;
-  }
-  return n;
 }
 
 /** A record as a notebook output, or null for what is not an output (update, clear). */

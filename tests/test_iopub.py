@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from polycell.iopub import _coalesce_display_updates
+from polycell.iopub import IOPubPublisher, _coalesce_display_updates
 
 
 def _display(msg_type: str, display_id: str, text: str) -> dict:
@@ -50,3 +50,37 @@ def test_displays_other_cells_and_end_markers_are_left_alone():
     ]
     out = _coalesce_display_updates(items)
     assert out == items
+
+
+class _RecordingSession:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict, dict]] = []
+
+    def send(self, _socket, msg_type, content, parent=None, metadata=None, ident=None):
+        self.sent.append((msg_type, content, metadata["polycell"]))
+
+
+def test_a_message_says_where_its_text_starts_even_when_an_update_between_was_folded_away():
+    """Only runs that follow each other in the journal become one message (see polycell.journal)."""
+    session = _RecordingSession()
+    publisher = IOPubPublisher(session, None)
+    try:
+        text = {"msg_type": "stream", "content": {"name": "stdout", "text": "ab"}}
+        more = {"msg_type": "stream", "content": {"name": "stdout", "text": "cd"}}
+        items = [
+            (1, CELL_A, text, None, 0),
+            (1, CELL_A, _display("update_display_data", "h", "first"), None, 2),
+            (1, CELL_A, more, None, 3),
+            (1, CELL_A, _display("update_display_data", "h", "last"), None, 5),
+            (1, CELL_A, more, None, 6),
+            (1, CELL_A, more, None, 8),
+        ]
+        publisher._publish_batch(items)
+    finally:
+        publisher.close()
+    assert [(t, c.get("text"), m.get("pos")) for t, c, m in session.sent] == [
+        ("stream", "ab", 0),
+        ("update_display_data", None, 5),  # the last update's data, at its position
+        ("stream", "cd", 3),
+        ("stream", "cdcd", 6),  # 6 and 8 follow each other: one message
+    ]

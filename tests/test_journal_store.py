@@ -138,11 +138,11 @@ def test_since_sees_every_write_once_across_merges_and_drops():
         journal.write("stdout" if i % 7 else "stderr", f"{i},")
         expected.append(f"{i},")
         if i % 5 == 0:
-            records, position, _ = journal.since(position, max_chars=40)
+            records, position, _, _ = journal.since(position, max_chars=40)
             seen += records
     journal.close()
     while True:
-        records, position, ended = journal.since(position, max_chars=40)
+        records, position, _, ended = journal.since(position, max_chars=40)
         seen += records
         if ended:
             break
@@ -153,7 +153,7 @@ def test_since_sees_every_write_once_across_merges_and_drops():
     assert position == journal.position == len(text)
     # A reader that comes late is told what it missed, then gets the rest.
     records, *_ = journal.since(0, max_chars=10**9)
-    assert "characters of output were dropped" in records[0]["content"]["text"]
+    assert "characters or records of output were dropped unread" in records[0]["content"]["text"]
     assert "".join(expected).endswith(_text(records[1:]))
 
 
@@ -168,7 +168,8 @@ def test_live_positions_continue_a_replay_with_each_unit_once():
         if i % 9 == 0:
             journal.append(display)
         if i == 25:
-            replayed, replay_end, _ = journal.since(0)
+            replayed, replay_end, caught_up, _ = journal.since(0)
+            assert caught_up
     journal.close()
     assert replay_end < journal.position
     kept = list(replayed)
@@ -248,6 +249,7 @@ def test_control_answers_without_a_kernel():
         3,
         False,
     )
+    assert answer(table, {"action": "tail", "job": job.id, "since": 0})["caught_up"] is True
     assert answer(table, {"action": "kill", "job": job.id})["outcome"] == "killed"
     assert answer(table, {"action": "tail", "job": job.id, "since": 3})["ended"] is True
 

@@ -14,8 +14,9 @@ has ``status`` "ok" or "error" (with ``evalue``, one line).
 ``cell_id`` and ``request``, the msg_id of the request that started it) and,
 under ``cells``, the last request each of those cells ran: a front end
 replays a job into its cell only while the cell still shows that request's
-output. ``tail`` answers with the job's records after journal position P
-and the position they reach (see `OutputJournal.since`); live messages carry
+output. ``tail`` answers with the job's records after journal position P,
+the position they reach, and whether that was the journal's end (a reply
+is at most `TAIL_MAX_CHARS`; see `OutputJournal.since`); live messages carry
 positions too (`polycell.iopub`), so a client that replays and then follows
 keeps each output once. The client polls, and nothing is kept per client
 here, so a client that goes away costs nothing. ``polycell tail`` and the
@@ -25,7 +26,6 @@ JupyterLab extension use the same requests.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 from polycell import view
@@ -52,12 +52,14 @@ def _job_id(request: dict[str, Any]) -> int:
 
 
 def answer(
-    table: JobTable, request: dict[str, Any], cells: Mapping[str, str] | None = None, session: str = ""
+    table: JobTable, request: dict[str, Any], cells: dict[str, str] | None = None, kernel_process: str = ""
 ) -> dict[str, Any]:
     """The reply content for one request; never raises.
 
-    `cells` maps a cell id to the msg_id of the last request that cell ran;
-    `session` is what the kernel's job handles carry to say they are its own.
+    `cells` maps a cell id to the msg_id of the last request that cell ran (a
+    plain dict: other threads store into it, and copying it is one step under
+    the GIL); `kernel_process` is the tag the kernel's job handles carry to say
+    they are of this kernel process (`polycell.view.handle_data`).
     """
     action = request.get("action")
     try:
@@ -65,7 +67,13 @@ def answer(
             rows = [view.job_row(job) for job in table]
             ids = {row["info"].get("cell_id") for row in rows}
             last = {cell: msg_id for cell, msg_id in dict(cells or {}).items() if cell in ids}
-            return {"status": "ok", "pid": os.getpid(), "session": session, "jobs": rows, "cells": last}
+            return {
+                "status": "ok",
+                "pid": os.getpid(),
+                "kernel_process": kernel_process,
+                "jobs": rows,
+                "cells": last,
+            }
         if action == "kill":
             job = table[_job_id(request)]
             outcome = job.kill()
@@ -75,11 +83,12 @@ def answer(
             since = request.get("since", 0)
             if isinstance(since, bool) or not isinstance(since, int) or since < 0:
                 raise JobError(f"tail: 'since' must be a journal position (a number ≥ 0), not {since!r}")
-            records, position, ended = job.journal.since(since, TAIL_MAX_CHARS)
+            records, position, caught_up, ended = job.journal.since(since, TAIL_MAX_CHARS)
             return {
                 "status": "ok",
                 "records": records,
                 "position": position,
+                "caught_up": caught_up,
                 "ended": ended,
                 "job": view.job_row(job),
             }
@@ -93,10 +102,12 @@ def answer(
 class ControlHandler:
     """Registers `answer` as the kernel's handler for ``polycell_request``."""
 
-    def __init__(self, table: JobTable, cells: Mapping[str, str] | None = None, session: str = "") -> None:
+    def __init__(
+        self, table: JobTable, cells: dict[str, str] | None = None, kernel_process: str = ""
+    ) -> None:
         self.table = table
         self.cells = cells if cells is not None else {}
-        self.session = session
+        self.kernel_process = kernel_process
         self.kernel: Any = None
 
     def install(self, kernel: Any) -> None:
@@ -116,7 +127,7 @@ class ControlHandler:
     def _handle(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         content = parent.get("content")
         if isinstance(content, dict):
-            reply = answer(self.table, content, self.cells, self.session)
+            reply = answer(self.table, content, self.cells, self.kernel_process)
         else:
             reply = _error("a polycell_request's content must be an object")
         self.kernel.session.send(stream, REPLY_TYPE, reply, parent, ident)

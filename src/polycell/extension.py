@@ -81,7 +81,7 @@ class Polycell:
         self.publisher = IOPubPublisher(self.kernel.session, self.kernel.iopub_socket)
         #: The msg_id of the last request each cell (by its id) ran; see `polycell.control`.
         self.cells: dict[str, str] = {}
-        self.control = ControlHandler(table, self.cells, session=_PROCESS_TAG)
+        self.control = ControlHandler(table, self.cells, kernel_process=_PROCESS_TAG)
         self.store: JournalStore | None = None
         self.waker = InterruptWaker()
         self.rich = RichSupport(shell)
@@ -235,21 +235,30 @@ class Polycell:
         client can tell which cell of its notebook a job belongs to.
         """
         parent = self.shell.parent_header
-        cell_id = parent.get("metadata", {}).get("cellId")
-        if isinstance(cell_id, str) and cell_id:
+        cell_id = self.note_request(parent)
+        if cell_id is not None:
             job.info["cell_id"] = cell_id
-            request = parent.get("header", {}).get("msg_id")
-            if isinstance(request, str):
-                job.info["request"] = request
-                self.cells[cell_id] = request  # a %%bg cell the kernel started off the main thread
+            job.info["request"] = parent["header"]["msg_id"]
         self._follow(job, replay=False)
 
-    def _note_cell(self, info: Any) -> None:
-        """pre_run_cell: the cell (``metadata.cellId``, passed on by ipykernel) ran this request."""
-        cell_id = getattr(info, "cell_id", None)
-        request = self.shell.parent_header.get("header", {}).get("msg_id")
-        if isinstance(cell_id, str) and cell_id and isinstance(request, str):
-            self.cells[cell_id] = request
+    def note_request(self, request: dict[str, Any]) -> str | None:
+        """Remember that a notebook cell ran `request`; returns the cell's id, if it has one.
+
+        Called for every execute request: from ``pre_run_cell`` for the ones the
+        main thread runs, and by the polycell kernel for the ones it starts off the
+        main thread. A front end puts a job back into its cell only while the cell
+        has run nothing since (`polycell.control`).
+        """
+        cell_id = request.get("metadata", {}).get("cellId")
+        msg_id = request.get("header", {}).get("msg_id")
+        if not (isinstance(cell_id, str) and cell_id and isinstance(msg_id, str)):
+            return None
+        self.cells[cell_id] = msg_id  # one dict store: atomic for the control thread's copy
+        return cell_id
+
+    def _note_cell(self, _info: Any) -> None:
+        """pre_run_cell: the request the main thread runs now is its cell's latest."""
+        self.note_request(self.shell.parent_header)
 
     def show(self, job: Job) -> None:
         """Replay a job's journal into the current cell, then follow it live."""

@@ -135,12 +135,15 @@ class IOPubPublisher:
         """Send a batch; True when the publisher was asked to stop."""
         items = _coalesce_display_updates([_taken(item) for item in items])
         # Consecutive text of one job's stream for one request becomes one message,
-        # which starts at the journal position of its first run.
+        # which starts at the journal position of its first run: so only runs that
+        # follow each other in the journal are joined (an update folded away by
+        # `_coalesce_display_updates` leaves a gap; a note of drops has no position).
         text = StreamText(
             lambda key, tag, joined: self._send(
-                key[0], tag[0], "stream", {"name": key[2], "text": joined}, _at(tag[1])
+                key[0], tag[0], "stream", {"name": key[2], "text": joined}, _position_mark(tag[1])
             )
         )
+        text_ends_at: int | None = None
         for item in items:
             if item is _STOP:
                 text.flush()
@@ -160,10 +163,13 @@ class IOPubPublisher:
                 continue
             if record["msg_type"] == "stream" and "polycell" not in record:  # marked lines stay whole
                 key = (job_id, parent.get("msg_id", ""), record["content"]["name"])
+                if position is None or position != text_ends_at:
+                    text.flush()
                 text.add(key, record["content"]["text"], (parent, position))
+                text_ends_at = None if position is None else position + len(record["content"]["text"])
             else:
                 text.flush()
-                extra = {**record.get("polycell", {}), **_at(position)}
+                extra = {**record.get("polycell", {}), **_position_mark(position)}
                 self._send(job_id, parent, record["msg_type"], record["content"], extra)
         text.flush()
         return False
@@ -190,7 +196,8 @@ class IOPubPublisher:
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)
 
 
-def _at(position: int | None) -> dict[str, int]:
+def _position_mark(position: int | None) -> dict[str, int]:
+    """The ``metadata.polycell`` entry that says where a message starts in its job's journal."""
     return {} if position is None else {"pos": position}
 
 

@@ -236,8 +236,7 @@ class OutputJournal:
             snapshot = self._head() + list(self._records)
             ended = self._closed
             if replay:
-                head = self._head()
-                for record in head:
+                for record in snapshot[: len(snapshot) - len(self._records)]:  # the note of drops
                     callback(record, None)
                 for record, start in zip(self._records, self._starts, strict=True):
                     callback(record, start)
@@ -251,8 +250,9 @@ class OutputJournal:
 
         return Subscription(snapshot, ended, cancel)
 
-    def since(self, position: int = 0, max_chars: int = 1_000_000) -> tuple[list[Record], int, bool]:
-        """The records after `position`, the position they reach, and whether the journal ended.
+    def since(self, position: int = 0, max_chars: int = 1_000_000) -> tuple[list[Record], int, bool, bool]:
+        """The records after `position`, the position they reach, whether that is the
+        journal's end (caught up), and whether the journal ended there.
 
         A reader polling with the position it was given sees every write once,
         in order, with no state kept here (a lost reply is simply asked for
@@ -271,7 +271,7 @@ class OutputJournal:
             first = starts[0] if starts else self.position
             if position < first:
                 missed = first - position
-                note = f"[polycell: {missed:,} characters of output were dropped before they were read]\n"
+                note = f"[polycell: {missed:,} characters or records of output were dropped unread]\n"
                 out.append(stream_record("stderr", note))
                 position = first
             index = bisect_right(starts, position) - 1
@@ -288,7 +288,8 @@ class OutputJournal:
                     size += _record_size(record)
                 position = start + _length(record)
                 index += 1
-            return out, position, self._closed and position == self.position
+            caught_up = position == self.position
+            return out, position, caught_up, self._closed and caught_up
 
 
 class StreamRun:

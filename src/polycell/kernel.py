@@ -282,6 +282,9 @@ class PolycellKernel(_Ipykernel74):
         would be polycell's own, of no use to the user).
         """
         self._set_request_parent(idents, request)
+        polycell = self.polycell
+        if polycell is not None:
+            polycell.note_request(request)  # %jobs here replaces what its cell showed: see control.py
         content = request["content"]
         code = content.get("code", "")
         request_allow_stdin.set(bool(content.get("allow_stdin", False)))

@@ -159,8 +159,9 @@ def handle_text(job: Job) -> str:
 HANDLE_MIME = "application/vnd.polycell.job+json"
 
 
-def handle_data(job: Job, session: str) -> dict[str, Any]:
-    """The handle as data: `session` tells a front end whether the job is of the kernel it talks to."""
+def handle_data(job: Job, kernel_process: str) -> dict[str, Any]:
+    """The handle as data; `kernel_process` tells a front end whether the job is of the kernel it talks to
+    (job ids start again at 1 in every kernel process)."""
     return {
         "job": job.id,
         "name": job.name,
@@ -168,7 +169,7 @@ def handle_data(job: Job, session: str) -> dict[str, Any]:
         "status": status_text(job),
         "done": job.done,
         "elapsed": job.elapsed,
-        "session": session,
+        "kernel_process": kernel_process,
         "cell_id": job.info.get("cell_id"),
     }
 
