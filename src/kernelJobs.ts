@@ -70,11 +70,11 @@ export function elapsedNow(job: IJob): number {
   return ENDED.has(job.status) ? job.elapsed : job.elapsed + (performance.now() - job.seenAt) / 1000;
 }
 
-/** A cell whose output this page rebuilds and follows, and how far it has each of its jobs. */
+/** A cell whose output this page rebuilds and follows, and where the replay of each of its jobs ended. */
 interface IFollowed {
   outputs: IOutputAreaModel;
   request: string;
-  /** Per job: the journal position its output reaches in the cell; undefined while replaying. */
+  /** Per job: the journal position its replay reached (live output before it is already shown); undefined while replaying. */
   positions: Map<number, number | undefined>;
   /** Live messages that came while a job was being replayed. */
   waiting: KernelMessage.IIOPubMessage[];
