@@ -126,6 +126,12 @@ def test_ipykernel_internals_polycell_relies_on():
     assert "await self.dispatch_shell(msg, subshell_id=subshell_id)" in shell_main
     dispatch = inspect.getsource(Kernel.dispatch_shell)
     assert dispatch.index("self._send_abort_reply(") < dispatch.index("handler(stream, idents, msg)")
+    # polycell.iopub_batch hands held messages to the IOPub thread as its send_multipart does.
+    from ipykernel.iostream import IOPubThread
+
+    assert list(inspect.signature(IOPubThread._really_send).parameters)[:2] == ["self", "msg"]
+    assert "self._really_send(*args, **kwargs)" in inspect.getsource(IOPubThread.send_multipart)
+    assert list(inspect.signature(IOPubThread.schedule).parameters) == ["self", "f"]
     # The per-context parent that get_parent("shell") and raw_input read.
     assert {"_shell_parent", "_shell_parent_ident"} <= set(Kernel.__annotations__)
     source = inspect.getsource(Kernel.raw_input)

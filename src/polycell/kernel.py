@@ -48,6 +48,7 @@ from IPython.core.error import StdinNotImplementedError, UsageError
 from tornado.ioloop import IOLoop
 
 from polycell.interrupts import BackgroundThread
+from polycell.iopub_batch import BatchingIOPubSocket
 from polycell.job import JobError, current_job, one_line
 from polycell.job_table import jobs
 from polycell.out_of_queue import ExecutionCounter, MainThreadQueue, OutOfQueue, out_of_queue_action
@@ -130,6 +131,7 @@ class PolycellKernel(_Ipykernel74):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.iopub_socket = BatchingIOPubSocket(self.iopub_socket)  # before polycell takes it
         self.counter = ExecutionCounter(self.shell)
         self.main_queue = MainThreadQueue()
         self._stdin_lock = threading.Lock()
@@ -245,8 +247,9 @@ class PolycellKernel(_Ipykernel74):
         """
         reply: dict[str, Any] | None = None
         try:
-            self._publish_status("busy", "shell", parent=request)
-            reply = contextvars.copy_context().run(self._start_in_context, idents, request, action)
+            with self.iopub_socket.held():  # busy, execute_input, the handle: one hand-over
+                self._publish_status("busy", "shell", parent=request)
+                reply = contextvars.copy_context().run(self._start_in_context, idents, request, action)
         except BaseException as exc:  # not even a KeyboardInterrupt may leave the cell busy
             name = type(exc).__name__
             reply = {
@@ -259,6 +262,12 @@ class PolycellKernel(_Ipykernel74):
             raise
         finally:
             send_reply(idents, request, reply)
+
+    def _flush_std_streams(self) -> None:
+        """What this request printed goes out before its reply, as ipykernel does, and after its busy."""
+        self.iopub_socket.release()
+        sys.stdout.flush()
+        sys.stderr.flush()
 
     def _send_reply(self, idents: list[bytes], request: dict[str, Any], reply: dict[str, Any] | None) -> None:
         try:
@@ -297,13 +306,13 @@ class PolycellKernel(_Ipykernel74):
         except (UsageError, JobError) as exc:
             error = exc if isinstance(exc, UsageError) else UsageError(str(exc))
             self.shell.show_usage_error(error)
-            _flush_std_streams()
+            self._flush_std_streams()
             return {"status": "error", "execution_count": count, "ename": "UsageError", "evalue": str(error),
                     "traceback": []}  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - shown in the cell, and the cell replies
             return {"status": "error", "execution_count": count, **self._show_error(exc, request)}
         if action.kind == "line_magic":  # %job kill, %job wait print
-            _flush_std_streams()
+            self._flush_std_streams()
         # A started job printed nothing here (its output goes through the publisher),
         # and skipping the flush, a wait for ipykernel's iopub thread, makes its start cheaper.
         # user_expressions are not evaluated here: they are arbitrary user code, and
@@ -331,7 +340,7 @@ class PolycellKernel(_Ipykernel74):
         except Exception:  # noqa: BLE001 - the formatter failed: the plain line will do
             stb = [one_line(exc, 1000)]
         error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": list(stb)}
-        _flush_std_streams()  # as ipykernel: what the cell printed comes before its error
+        self._flush_std_streams()  # as ipykernel: what the cell printed comes before its error
         self._publish_error(error, request)
         return error
 
@@ -431,12 +440,6 @@ class PolycellKernel(_Ipykernel74):
         if running:
             self.log.info("polycell: %d job(s) killed: %s", len(running), reason)
         return running
-
-
-def _flush_std_streams() -> None:
-    """What this request printed goes out before its reply, as ipykernel does."""
-    sys.stdout.flush()
-    sys.stderr.flush()
 
 
 def _waits_for_a_job(action: OutOfQueue) -> bool:

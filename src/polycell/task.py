@@ -31,6 +31,12 @@ class TaskRunner(Runner):
         self._tasks: dict[int, asyncio.Task[Any]] = {}
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
+        # Tasks to create, and whether the loop was woken to create them: a burst of cells
+        # wakes the loop's thread once, not once per cell (each wake-up is a GIL hand-off
+        # the thread starting the cells waits for).
+        self._starting: list[Callable[[], None]] = []
+        self._woken = False
+        self._starting_lock = threading.Lock()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -68,8 +74,20 @@ class TaskRunner(Runner):
             self._tasks[job.id] = task
             task.add_done_callback(lambda t: self._task_done(job, t))
 
-        loop.call_soon_threadsafe(start)
+        with self._starting_lock:
+            self._starting.append(start)
+            wake, self._woken = not self._woken, True
+        if wake:
+            loop.call_soon_threadsafe(self._start_waiting)
         return job
+
+    def _start_waiting(self) -> None:
+        """In the loop's thread: create the tasks of every job submitted since it was woken, in order."""
+        with self._starting_lock:
+            starting, self._starting = self._starting, []
+            self._woken = False
+        for start in starting:
+            start()
 
     async def _run(self, job: Job, body: Callable[[], Awaitable[Any]]) -> None:
         try:
