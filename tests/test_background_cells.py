@@ -334,3 +334,29 @@ def test_syntax_error_fails_the_bg_cell_itself(kernel):
 
 def test_interrupt_spares_programs_started_by_thread_jobs(kernel):
     check_interrupt_spares_a_thread_jobs_child(kernel, kernel.km.interrupt_kernel)
+
+
+def test_a_cells_busy_and_handle_come_before_its_jobs_first_line(any_kernel):
+    """However fast a job prints, its cell says busy, shows the input, then the handle, then the output."""
+    kernel = any_kernel
+    started = [kernel.execute(f"%%bg\nprint('first', {n})") for n in range(30)]
+    for msg_id in started:
+        kernel.wait_idle(msg_id)
+        job = kernel.job_id(msg_id)
+        kernel.wait_job_end(job)
+    with kernel._cond:
+        messages = list(kernel.messages)
+    for n, msg_id in enumerate(started):
+        kinds = [m["msg_type"] for m in messages if m["parent_header"].get("msg_id") == msg_id]
+        first_line = next(
+            i
+            for i, m in enumerate(messages)
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "stream"
+        )
+        assert kinds[:3] == ["status", "execute_input", "display_data"], kinds
+        handle = next(
+            i
+            for i, m in enumerate(messages)
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "display_data"
+        )
+        assert handle < first_line, (n, kinds)

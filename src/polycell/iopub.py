@@ -91,9 +91,15 @@ class IOPubPublisher:
         Only for a record nothing queued may precede: the first message of a
         cell that follows a job (its handle), sent before the cell's reply
         without waiting for this publisher's thread. The iopub socket takes
-        messages from any thread (ipykernel's sends them on from its own).
+        messages from any thread (ipykernel's sends them on from its own). A
+        socket holding this thread's messages (`polycell.iopub_batch`) hands
+        them over now: the job, started next, may print at once, and its
+        output, sent from this publisher's thread, must come after its handle.
         """
         self._send(job_id, parent, record["msg_type"], record["content"], record.get("polycell"))
+        release = getattr(self.socket, "release", None)
+        if release is not None:
+            release()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued so far has been handed to the socket."""

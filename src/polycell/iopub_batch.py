@@ -5,8 +5,10 @@ other thread queues the message and wakes that thread through a pipe. The
 wake-up is a GIL hand-off the sending thread then waits for, and a
 ``%%bg`` cell the polycell kernel starts from its shell channel thread sends
 three messages before its reply (busy, execute_input, the job's handle): held
-and handed over together, they cost one wake-up instead of three. Every other
-thread's messages, and this thread's outside `held`, go as before, in order.
+and handed over together, they cost one wake-up instead of three. They are
+handed over as soon as the handle is sent (`IOPubPublisher.send_now`
+releases them), before the job starts and can print. Every other thread's
+messages, and this thread's outside `held`, go as before, in order.
 """
 
 from __future__ import annotations
