@@ -239,3 +239,26 @@ def test_a_kernel_without_polycell_is_sent_nothing(open_notebook: OpenNotebook) 
     nb.expect_output(0, "plain ipykernel")
     assert nb.sent_frames and not [frame for frame in nb.sent_frames if "polycell" in frame]
     assert [text for text in nb.console_messages if "polycell" in text.lower()] == []
+
+
+def test_notebook_7_opens_the_jobs_panel_from_the_command_palette(open_notebook: OpenNotebook) -> None:
+    nb = open_notebook(
+        "notebook7-panel",
+        ["import time", '%%bg --name sleeper\nprint("zzz")\ntime.sleep(600)'],
+        app="notebook",
+    )
+    nb.run(0)
+    nb.run(1)
+    expect(handle(nb, 1)).to_have_attribute("data-status", "running", timeout=TIMEOUT_MS)
+    nb.page.keyboard.press("Control+Shift+c")
+    palette = nb.page.locator(".lm-CommandPalette-input")
+    expect(palette).to_be_visible(timeout=TIMEOUT_MS)
+    palette.fill("Show Background Jobs")
+    nb.page.keyboard.press("Enter")
+    rows = nb.page.locator("#polycell-jobs .jp-polycell-job")
+    expect(rows).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(rows.nth(0)).to_contain_text("sleeper")
+    nb.screenshot_page("notebook7-jobs-panel")
+    rows.nth(0).locator(".jp-polycell-kill").click()
+    expect(handle(nb, 1)).to_have_attribute("data-status", "killed", timeout=TIMEOUT_MS)
+    assert nb.polycell_console_errors() == []
