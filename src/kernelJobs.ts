@@ -32,7 +32,6 @@ import {
   IJobsReply,
   IRecord,
   ITailReply,
-  handleOutput,
   kernelHasPolycell,
   liveMark,
   recordOutput,
@@ -206,7 +205,6 @@ export class KernelJobs {
       try {
         cell.outputs.clear();
         for (const row of rows) {
-          cell.outputs.add(handleOutput(this._handleData(row)));
           followed.positions.set(row.id, await this._replay(followed, row.id));
         }
       } catch (error) {
@@ -225,7 +223,7 @@ export class KernelJobs {
   }
 
   /**
-   * Put a job's journal into its cell; returns the position it reaches.
+   * Put a job's handle and journal into its cell; returns the position the journal reaches.
    *
    * Asked until a reply reaches the journal's end as it was then: the page
    * listened before it asked, so whatever the job writes after that comes live.
@@ -234,6 +232,9 @@ export class KernelJobs {
     let position = 0;
     for (;;) {
       const tail = await request<ITailReply>(this.kernel, { action: 'tail', job, since: position });
+      if (position === 0) {
+        followed.outputs.add({ output_type: 'display_data', data: tail.handle, metadata: {} });
+      }
       for (const record of tail.records) {
         this._apply(followed, record);
       }
@@ -254,19 +255,6 @@ export class KernelJobs {
       }
     }
     return rows.every(row => ENDED.has(row.status) && ended.has(row.id));
-  }
-
-  private _handleData(row: IJobRow): IHandleData {
-    return {
-      job: row.id,
-      name: row.name,
-      mode: row.mode,
-      status: row.status,
-      done: ENDED.has(row.status),
-      elapsed: row.elapsed,
-      kernel_process: this._kernelProcess,
-      cell_id: row.info.cell_id ?? null
-    };
   }
 
   /**

@@ -59,6 +59,8 @@ export interface IRecord {
 }
 
 export interface ITailReply {
+  /** The job's handle as a display's data (text, HTML and `HANDLE_MIME`). */
+  handle: JSONObject;
   records: IRecord[];
   position: number;
   /** The position is the journal's end as it was when the kernel answered. */
@@ -201,21 +203,6 @@ export function recordOutput(record: IRecord): nbformat.IOutput | null {
     default:
       return null;
   }
-}
-
-/** The text/plain a handle shows where its own renderer is not installed (as `polycell.view.handle_text`). */
-export function handleText(data: IHandleData): string {
-  const after = data.done ? ` after ${formatElapsed(data.elapsed)}` : '';
-  return `[polycell] job ${data.job} '${data.name}' (${data.mode}): ${data.status}${after}`;
-}
-
-/** A handle output, from a job's row. */
-export function handleOutput(data: IHandleData): nbformat.IDisplayData {
-  return {
-    output_type: 'display_data',
-    data: { 'text/plain': handleText(data), [HANDLE_MIME]: data as any },
-    metadata: {}
-  };
 }
 
 /** Elapsed seconds as polycell writes them everywhere (`polycell.view.format_elapsed`): 4.2s, 3m05s, 2h01m. */

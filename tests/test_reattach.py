@@ -200,6 +200,9 @@ def test_a_reloaded_page_replays_then_follows_each_output_once(any_kernel):
         assert row["info"]["request"] == started == listing["cells"]["cell-1"]
         assert listing["kernel_process"]
         replay = link.request("tail", job=job, since=0)
+        # The handle as the cell showed it, for the page to put back first.
+        assert set(replay["handle"]) == {"text/plain", "text/html", "application/vnd.polycell.job+json"}
+        assert replay["handle"]["text/plain"] == f"[polycell] job {job} 'gated' (thread): running"
         replayed = [
             (r["msg_type"], r["content"].get("text", r["content"].get("data", {}).get("text/html", "")))
             for r in replay["records"]

@@ -15,8 +15,9 @@ has ``status`` "ok" or "error" (with ``evalue``, one line).
 under ``cells``, the last request each of those cells ran: a front end
 replays a job into its cell only while the cell still shows that request's
 output. ``tail`` answers with the job's records after journal position P,
-the position they reach, and whether that was the journal's end (a reply
-is at most `TAIL_MAX_CHARS`; see `OutputJournal.since`); live messages carry
+the position they reach, whether that was the journal's end (a reply
+is at most `TAIL_MAX_CHARS`; see `OutputJournal.since`), and the job's
+handle as its cell shows it (`polycell.view.handle_bundle`); live messages carry
 positions too (`polycell.iopub`), so a client that replays and then follows
 keeps each output once. The client polls, and nothing is kept per client
 here, so a client that goes away costs nothing. ``polycell tail`` and the
@@ -91,6 +92,7 @@ def answer(
                 "caught_up": caught_up,
                 "ended": ended,
                 "job": view.job_row(job),
+                "handle": view.handle_bundle(job, kernel_process),
             }
     except JobError as exc:
         return _error(str(exc))

@@ -61,11 +61,7 @@ class JobHandle:
         self.display_id = f"polycell-{_PROCESS_TAG}-{job.id}-{next(_HANDLE_NUMBERS)}"
 
     def bundle(self) -> dict[str, Any]:
-        return {
-            "text/plain": view.handle_text(self.job),
-            "text/html": view.handle_html(self.job),
-            view.HANDLE_MIME: view.handle_data(self.job, _PROCESS_TAG),
-        }
+        return view.handle_bundle(self.job, _PROCESS_TAG)
 
 
 class Polycell:

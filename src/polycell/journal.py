@@ -233,10 +233,11 @@ class OutputJournal:
         follower = _Follower(callback)
         with self._lock:
             self._seal()
-            snapshot = self._head() + list(self._records)
+            head = self._head()
+            snapshot = head + list(self._records)
             ended = self._closed
             if replay:
-                for record in snapshot[: len(snapshot) - len(self._records)]:  # the note of drops
+                for record in head:  # the note of drops: not output, so at no position
                     callback(record, None)
                 for record, start in zip(self._records, self._starts, strict=True):
                     callback(record, start)

@@ -15,6 +15,7 @@ from polycell.job import Job, JobState
 __all__ = [
     "HANDLE_MIME",
     "format_elapsed",
+    "handle_bundle",
     "handle_data",
     "handle_html",
     "handle_text",
@@ -171,6 +172,16 @@ def handle_data(job: Job, kernel_process: str) -> dict[str, Any]:
         "elapsed": job.elapsed,
         "kernel_process": kernel_process,
         "cell_id": job.info.get("cell_id"),
+    }
+
+
+def handle_bundle(job: Job, kernel_process: str) -> dict[str, Any]:
+    """The handle as a display's data: text for a terminal, HTML for a front end without
+    polycell's extension, and the data that extension renders live."""
+    return {
+        "text/plain": handle_text(job),
+        "text/html": handle_html(job),
+        HANDLE_MIME: handle_data(job, kernel_process),
     }
 
 

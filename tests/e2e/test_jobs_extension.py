@@ -123,6 +123,7 @@ def test_another_tab_sees_the_job_and_a_job_that_ended_meanwhile(
     expect(third.page.locator("li.lm-TabBar-tab.jp-mod-dirty")).to_have_count(0, timeout=TIMEOUT_MS)
     saved = nbformat.read(lab.root / third.path, as_version=4).cells[1].outputs
     assert saved[0]["data"]["application/vnd.polycell.job+json"]["status"] == "done"
+    assert "done</span> after" in saved[0]["data"]["text/html"]  # for front ends without the extension
     text = "".join(output.get("text", "") for output in saved)
     assert numbered(text) == lines and text.endswith("final line\n")
     assert first.polycell_console_errors() == third.polycell_console_errors() == []
