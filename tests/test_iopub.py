@@ -84,3 +84,57 @@ def test_a_message_says_where_its_text_starts_even_when_an_update_between_was_fo
         ("stream", "cd", 3),
         ("stream", "cdcd", 6),  # 6 and 8 follow each other: one message
     ]
+
+
+def test_batched_iopub_sends_in_order_with_what_is_scheduled_directly_on_the_iopub_thread():
+    """A message joins a pending drain only if nothing was scheduled after it: one thread's order holds."""
+    import threading
+
+    import zmq
+    from ipykernel.iostream import BackgroundSocket, IOPubThread
+
+    from polycell.iopub_batch import BatchingIOPubSocket
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    io_thread = IOPubThread(pub)
+    io_thread.start()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        while True:  # until the subscription has reached the PUB socket
+            io_thread.send_multipart([b"probe"])
+            if sub.poll(100):
+                break
+        while sub.poll(100):
+            sub.recv_multipart()
+        batching = BatchingIOPubSocket(BackgroundSocket(io_thread))
+
+        def send(first: int, n: int) -> None:
+            for i in range(first, first + n):
+                if i % 3 == 0:  # as ipykernel's stream flushes do, past polycell
+                    io_thread.send_multipart([b"direct", str(i).encode()])
+                elif i % 7 == 0:
+                    with batching.held():
+                        batching.send_multipart([b"held", str(i).encode()])
+                else:
+                    batching.send_multipart([b"batched", str(i).encode()])
+
+        other = threading.Thread(target=send, args=(1000, 300))
+        other.start()
+        send(0, 300)
+        other.join(10)
+        received: dict[bool, list[int]] = {True: [], False: []}
+        while len(received[True]) + len(received[False]) < 600:
+            assert sub.poll(10_000), "a message was not sent"
+            number = int(sub.recv_multipart()[1])
+            received[number >= 1000].append(number)
+        assert received[False] == list(range(300))
+        assert received[True] == list(range(1000, 1300))
+    finally:
+        io_thread.stop()
+        io_thread.close()
+        sub.close(linger=0)
+        ctx.term()

@@ -9,6 +9,7 @@ the foreground cell, still sleeping, goes idle. No wall-clock assertions.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,9 @@ def test_ipykernel_internals_polycell_relies_on():
     assert list(inspect.signature(IOPubThread._really_send).parameters)[:2] == ["self", "msg"]
     assert "self._really_send(*args, **kwargs)" in inspect.getsource(IOPubThread.send_multipart)
     assert list(inspect.signature(IOPubThread.schedule).parameters) == ["self", "f"]
+    schedule = inspect.getsource(IOPubThread.schedule)
+    assert "self._events.append(f)" in schedule  # what polycell.iopub_batch reads to join a pending drain
+    assert "self._events.popleft()" in inspect.getsource(IOPubThread._handle_event)
     # The per-context parent that get_parent("shell") and raw_input read.
     assert {"_shell_parent", "_shell_parent_ident"} <= set(Kernel.__annotations__)
     source = inspect.getsource(Kernel.raw_input)
@@ -158,6 +162,12 @@ def test_ipykernel_internals_polycell_relies_on():
     assert "builtins.input = self._sys_raw_input" in restore
     assert "getpass.getpass = self._save_getpass" in restore
     assert "self._allow_stdin" in inspect.getsource(Kernel.raw_input)
+    # The pause before each execute reply that the polycell kernel sets to 0.
+    assert Kernel.class_traits()["_execute_sleep"].metadata.get("config")
+    assert "time.sleep(self._execute_sleep)" in inspect.getsource(Kernel.execute_request)
+    from polycell.kernel import PolycellKernel
+
+    assert PolycellKernel.class_traits()["_execute_sleep"].default_value == 0
     # No interrupt override: ipykernel signals only its own process group (jobs lead their own).
     assert "os.killpg(pgid, SIGINT)" in inspect.getsource(Kernel._send_interrupt_children)
 
@@ -751,3 +761,26 @@ def test_matplotlib_inline_comms_debugger_and_subshells(pk):
     control("delete_subshell_request", {"subshell_id": subshell})
     interrupt(pk)
     pk.reply(fg)
+
+
+def test_the_kernel_logs_only_at_the_level_its_handlers_show(pk):
+    """ipykernel's DEBUG lines for each request cost a record each unless the logger is at WARNING."""
+    assert pk.eval("get_ipython().kernel.log.getEffectiveLevel()") == logging.WARNING
+
+
+def test_a_handler_that_shows_debug_keeps_the_logger_at_debug():
+    from polycell.kernelapp import _log_only_what_is_shown
+
+    logger = logging.getLogger("polycell-test-logger")
+    logger.setLevel(logging.DEBUG)
+    quiet, loud = logging.NullHandler(logging.WARNING), logging.NullHandler(logging.DEBUG)
+    try:
+        logger.addHandler(quiet)
+        _log_only_what_is_shown(logging.LoggerAdapter(logger, {}))
+        assert logger.level == logging.WARNING
+        logger.addHandler(loud)
+        _log_only_what_is_shown(logger)
+        assert logger.level == logging.DEBUG
+    finally:
+        logger.removeHandler(quiet)
+        logger.removeHandler(loud)

@@ -1,52 +1,72 @@
-"""The kernel's iopub socket, able to hand one thread's messages to ipykernel's IOPub thread at once.
+"""The kernel's iopub socket: messages reach ipykernel's IOPub thread in batches, one wake-up each.
 
 ipykernel sends every iopub message from its IOPub thread: a send from any
-other thread queues the message and wakes that thread through a pipe. The
-wake-up is a GIL hand-off the sending thread then waits for, and a
-``%%bg`` cell the polycell kernel starts from its shell channel thread sends
-three messages before its reply (busy, execute_input, the job's handle): held
-and handed over together, they cost one wake-up instead of three. They are
-handed over as soon as the handle is sent (`IOPubPublisher.send_now`
-releases them), before the job starts and can print. Every other thread's
-messages, and this thread's outside `held`, go as before, in order.
+other thread queues the message and wakes that thread through a pipe, once per
+message. Each wake-up is a ZeroMQ send, in which the sending thread lets go of
+the GIL and must then win it back, and a turn of the IOPub thread's event loop.
+While CPU-bound thread jobs hold the GIL, each of those hand-offs is what makes
+a foreground cell slow: a trivial cell sends four messages (busy,
+execute_input, execute_result, idle).
+
+So a message sent here joins the batch of the wake-up last scheduled, as long
+as that wake-up has not run and nothing else (an ipykernel stream flush, say)
+was scheduled on the IOPub thread after it; only otherwise does it start a new
+batch and wake the thread. Order holds for every thread: each batch is sent in
+the order it was filled, where its wake-up stands in line.
+
+`held` goes further for the ``%%bg`` cells the polycell kernel starts from its
+shell channel thread: busy, execute_input and the job's handle are queued
+together when the handle is sent (`IOPubPublisher.send_now` releases them),
+before the job starts and can print.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 __all__ = ["BatchingIOPubSocket"]
 
+_Message = tuple[tuple[Any, ...], dict[str, Any]]  # send_multipart's arguments
+
 
 class BatchingIOPubSocket:
-    """ipykernel's ``BackgroundSocket``, whose sends from one thread can be `held` and handed over at once.
+    """ipykernel's ``BackgroundSocket``, handing messages to the IOPub thread in batches.
 
-    Reaches into ipykernel 7.4.0's ``IOPubThread._really_send(msg, *args,
-    **kwargs)``, the function ``send_multipart`` schedules for each message on
-    the IOPub thread; tests/test_kernel.py::test_ipykernel_internals_polycell_relies_on
-    fails if it moves. ``IOPubThread.schedule`` is public.
+    Reaches into ipykernel 7.4.0's ``IOPubThread``: ``_really_send(msg, *args,
+    **kwargs)``, the function ``send_multipart`` schedules for each message, and
+    ``_events``, the deque of what ``schedule`` (public) has queued for the
+    thread; tests/test_kernel.py::test_ipykernel_internals_polycell_relies_on
+    fails if either moves.
     """
 
     def __init__(self, socket: Any) -> None:
         self._socket = socket
+        self._io_thread = socket.io_thread
         self._local = threading.local()
+        self._lock = threading.Lock()  # guards `_last` and its batch against the drain taking it
+        #: The batch last scheduled, with its drain; more messages join it while the drain is last in line.
+        self._last: tuple[Callable[[], None], list[_Message]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._socket, name)
 
     def send_multipart(self, *args: Any, **kwargs: Any) -> None:
-        held: list[tuple[Any, Any]] | None = getattr(self._local, "held", None)
+        held: list[_Message] | None = getattr(self._local, "held", None)
         if held is None:
-            self._socket.send_multipart(*args, **kwargs)
+            self._enqueue(((args, kwargs),))
         else:
             held.append((args, kwargs))
 
+    def send(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.send_multipart([msg], *args, **kwargs)
+
     @contextmanager
     def held(self) -> Iterator[None]:
-        """Hold what this thread sends, and hand it to the IOPub thread at once at the end."""
+        """Hold what this thread sends, and queue it at once at the end."""
         if getattr(self._local, "held", None) is not None:
             yield  # already held, by an outer `held`
             return
@@ -57,15 +77,37 @@ class BatchingIOPubSocket:
             self.release()
 
     def release(self) -> None:
-        """Hand over what this thread holds now, and hold no more (before a wait for the IOPub thread:
+        """Queue what this thread holds now, and hold no more (before a wait for the IOPub thread:
         a stream's flush, whose messages must come after these)."""
-        held: list[tuple[Any, Any]] | None = getattr(self._local, "held", None)
+        held: list[_Message] | None = getattr(self._local, "held", None)
         self._local.held = None
         if held:
-            io_thread = self._socket.io_thread
-            io_thread.schedule(lambda: _send_all(io_thread, held))
+            self._enqueue(held)
 
+    def _enqueue(self, messages: Iterable[_Message]) -> None:
+        with self._lock:
+            if self._last is not None and self._is_last_scheduled(self._last[0]):
+                self._last[1].extend(messages)
+                return
+            batch = list(messages)
+            drain = partial(self._send_batch, batch)
+            self._last = (drain, batch)
+        # Scheduled before this call returns, so before anything this thread does next.
+        self._io_thread.schedule(drain)
 
-def _send_all(io_thread: Any, messages: list[tuple[Any, Any]]) -> None:
-    for args, kwargs in messages:
-        io_thread._really_send(*args, **kwargs)
+    def _is_last_scheduled(self, drain: Callable[[], None]) -> bool:
+        """Whether `drain` is still to run, with nothing scheduled on the IOPub thread after it."""
+        try:
+            return self._io_thread._events[-1] is drain
+        except IndexError:
+            return False
+
+    def _send_batch(self, batch: list[_Message]) -> None:
+        """On the IOPub thread: send one batch, in order; later messages go in a new batch."""
+        with self._lock:
+            if self._last is not None and self._last[1] is batch:
+                self._last = None
+            messages = list(batch)
+            batch.clear()
+        for args, kwargs in messages:
+            self._io_thread._really_send(*args, **kwargs)

@@ -46,6 +46,7 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 from IPython.core.error import StdinNotImplementedError, UsageError
 from tornado.ioloop import IOLoop
+from traitlets import Float
 
 from polycell.interrupts import BackgroundThread
 from polycell.iopub_batch import BatchingIOPubSocket
@@ -53,8 +54,7 @@ from polycell.job import JobError, current_job, one_line
 from polycell.job_table import jobs
 from polycell.out_of_queue import ExecutionCounter, MainThreadQueue, OutOfQueue, out_of_queue_action
 
-# ExecutionCounter, MainThreadQueue, OutOfQueue and out_of_queue_action live in polycell.out_of_queue;
-# they were first defined here, and are still importable from here.
+# The out_of_queue names stay importable from here, where they were first defined.
 __all__ = ["ExecutionCounter", "MainThreadQueue", "OutOfQueue", "PolycellKernel", "out_of_queue_action"]
 
 #: Whether the front end that sent the request that started a job accepts
@@ -63,9 +63,6 @@ __all__ = ["ExecutionCounter", "MainThreadQueue", "OutOfQueue", "PolycellKernel"
 request_allow_stdin: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "polycell_request_allow_stdin", default=False
 )
-
-
-# -- the kernel -----------------------------------------------------------------------------
 
 
 class _Ipykernel74(IPythonKernel):
@@ -96,7 +93,10 @@ class _Ipykernel74(IPythonKernel):
       ``_allow_stdin`` (read by ``raw_input``/``getpass``), ``_sys_raw_input``
       and ``_save_getpass`` (the originals that ``_restore_input`` puts back).
       polycell overrides both to keep input forwarded between cells.
+    * ``_execute_sleep``: a 0.5 ms pause before each execute reply (FIXME there); 0 here.
     """
+
+    _execute_sleep = Float(0.0).tag(config=True)
 
     def _set_request_parent(self, idents: list[bytes], msg: dict[str, Any]) -> None:
         """Make `msg` the parent in the current context only (kernel, shell, streams, displays)."""
@@ -132,6 +132,7 @@ class PolycellKernel(_Ipykernel74):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.iopub_socket = BatchingIOPubSocket(self.iopub_socket)  # before polycell takes it
+        self.shell.displayhook.pub_socket = self.shell.display_pub.pub_socket = self.iopub_socket
         self.counter = ExecutionCounter(self.shell)
         self.main_queue = MainThreadQueue()
         self._stdin_lock = threading.Lock()
