@@ -228,3 +228,29 @@ def test_a_reloaded_page_replays_then_follows_each_output_once(any_kernel):
     data = handle["content"]["data"]["application/vnd.polycell.job+json"]
     assert (data["job"], data["name"], data["mode"]) == (job, "gated", "thread")
     assert data["kernel_process"] == listing["kernel_process"]
+
+
+def test_a_job_an_earlier_run_of_a_cell_starts_leaves_the_cells_latest_request_alone(any_kernel):
+    """A job's thread that starts another job later (here a map) speaks for its own cell's
+    earlier run: the cell's latest request stays the one it ran since, or a page would put
+    that earlier run's jobs back over what the cell shows now."""
+    kernel = any_kernel
+    kernel.run("import threading; go = threading.Event()")
+    first = _execute_in_cell(
+        kernel,
+        "%%bg --name outer\ngo.wait()\ninner = jobs.map(abs, range(3), workers=1, mode='thread')",
+        "cell-1",
+    )
+    outer = kernel.job_id(first)
+    kernel.reply(first)
+    again = _execute_in_cell(kernel, "x = 1", "cell-1")
+    kernel.reply(again)
+    kernel.run("go.set()")
+    kernel.wait_job_end(outer)
+    inner = kernel.eval("inner.id")
+    kernel.wait_job_end(inner)
+    with KernelLink(kernel.connection_file, 10) as link:
+        listing = link.request("jobs")
+    (row,) = [r for r in listing["jobs"] if r["id"] == inner]
+    assert row["info"]["request"] == first  # the map is the outer job's, started by the first run
+    assert listing["cells"]["cell-1"] == again

@@ -53,6 +53,13 @@ _HANDLE_NUMBERS = itertools.count(1)
 HELP_LINK = {"text": "polycell", "url": "https://pypi.org/project/polycell/"}
 
 
+def _cell_of(request: dict[str, Any]) -> str | None:
+    """The id of the notebook cell that sent `request` (``metadata.cellId``), if it has one and a msg_id."""
+    cell_id = request.get("metadata", {}).get("cellId")
+    msg_id = request.get("header", {}).get("msg_id")
+    return cell_id if isinstance(cell_id, str) and cell_id and isinstance(msg_id, str) else None
+
+
 class JobHandle:
     """What ``%%bg`` shows: the job's id, name, mode and status, kept up to date."""
 
@@ -228,10 +235,13 @@ class Polycell:
 
         The cell's id, which JupyterLab and Notebook 7 send with each request
         (``metadata.cellId``), is kept with the job (``job.info["cell_id"]``), so a
-        client can tell which cell of its notebook a job belongs to.
+        client can tell which cell of its notebook a job belongs to. The request is
+        not noted as its cell's latest here: that was done when it began
+        (`note_request`), and a job's thread may start a job long after its cell
+        ran something else.
         """
         parent = self.shell.parent_header
-        cell_id = self.note_request(parent)
+        cell_id = _cell_of(parent)
         if cell_id is not None:
             job.info["cell_id"] = cell_id
             job.info["request"] = parent["header"]["msg_id"]
@@ -245,11 +255,9 @@ class Polycell:
         main thread. A front end puts a job back into its cell only while the cell
         has run nothing since (`polycell.control`).
         """
-        cell_id = request.get("metadata", {}).get("cellId")
-        msg_id = request.get("header", {}).get("msg_id")
-        if not (isinstance(cell_id, str) and cell_id and isinstance(msg_id, str)):
-            return None
-        self.cells[cell_id] = msg_id  # one dict store: atomic for the control thread's copy
+        cell_id = _cell_of(request)
+        if cell_id is not None:
+            self.cells[cell_id] = request["header"]["msg_id"]  # one dict store: atomic for the control thread
         return cell_id
 
     def _note_cell(self, _info: Any) -> None:
