@@ -9,6 +9,7 @@
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 import { Widget } from '@lumino/widgets';
 
+import { elapsedClock, killButton, statusBadge } from './jobParts';
 import { IJob, IJobChange, KernelJobs, elapsedNow } from './kernelJobs';
 import { ENDED, HANDLE_MIME, IHandleData, formatElapsed } from './protocol';
 
@@ -92,40 +93,17 @@ export class HandleWidget extends Widget implements IRenderMime.IRenderer {
     const name = document.createElement('i');
     name.textContent = data.name;
     label.append(id, ' ', name, ` (${data.mode})`);
-    const badge = document.createElement('span');
-    badge.className = `jp-polycell-badge jp-polycell-status-${status}`;
-    badge.textContent = status;
-    const clock = document.createElement('span');
-    clock.className = 'jp-polycell-elapsed';
-    clock.textContent = running ? formatElapsed(elapsed) : `after ${formatElapsed(elapsed)}`;
+    const clock = elapsedClock(running ? formatElapsed(elapsed) : `after ${formatElapsed(elapsed)}`);
     this._clock = clock;
-    this.node.append(label, badge, clock);
-    if (live && running && status !== 'killing') {
-      const kill = document.createElement('button');
-      kill.className = 'jp-polycell-kill jp-mod-styled jp-mod-warn';
-      kill.textContent = 'Kill';
-      kill.title = `Kill job ${data.job}`;
-      kill.onclick = () => void this._kill(kill);
-      this.node.append(kill);
+    this.node.append(label, statusBadge(status), clock);
+    const jobs = this._jobs;
+    if (jobs && live && running && status !== 'killing') {
+      this.node.append(killButton(data.job, () => jobs.kill(data.job))); // its next update says how it went
     }
     if (live && running) {
       this._startTicking();
     } else {
       this._stopTicking();
-    }
-  }
-
-  private async _kill(button: HTMLButtonElement): Promise<void> {
-    const jobs = this._jobs;
-    if (!jobs || !this._data) {
-      return;
-    }
-    button.disabled = true;
-    try {
-      await jobs.kill(this._data.job); // the handle's next update says how it went
-    } catch (error) {
-      button.disabled = false;
-      button.title = `Kill failed: ${(error as Error).message}`;
     }
   }
 

@@ -113,10 +113,7 @@ export class KernelJobs {
 
   /** The connection is gone (the notebook changed kernel, or closed): its handles go still. */
   dispose(): void {
-    this._jobs.clear();
-    this._followed.clear();
-    this._kernelProcess = '';
-    this._changed.emit({ job: null, ended: false });
+    this._forget();
     Signal.clearData(this);
   }
 
@@ -386,12 +383,17 @@ export class KernelJobs {
 
   private _onStatus(_: Kernel.IKernelConnection, status: Kernel.Status): void {
     if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
-      this._jobs.clear(); // a new kernel process: its job ids start again at 1
-      this._followed.clear();
-      this._kernelProcess = '';
       this._active = false; // the new process may not load polycell: ask again before anything
-      this._changed.emit({ job: null, ended: false });
+      this._forget(); // a new kernel process: its job ids start again at 1
     }
+  }
+
+  /** Forget every job of the kernel process (its handles go still). */
+  private _forget(): void {
+    this._jobs.clear();
+    this._followed.clear();
+    this._kernelProcess = '';
+    this._changed.emit({ job: null, ended: false });
   }
 
   private _update(id: number, fields: Partial<IJob>, live: boolean): void {
@@ -445,7 +447,10 @@ function findCodeCell(notebook: INotebookModel, cellId: string): ICodeCellModel 
   return undefined;
 }
 
-/** The last non-blank line of stream text; of a line a progress bar redraws, the last drawing. */
+/**
+ * The last non-blank line of stream text; of a line a progress bar redraws, the
+ * last drawing (as `polycell.journal.last_line` finds it for the kernel's job list).
+ */
 export function lastLine(text: string): string {
   const lines = text.split('\n');
   for (let i = lines.length - 1; i >= 0; i--) {

@@ -8,6 +8,7 @@ import { NotebookPanel } from '@jupyterlab/notebook';
 import { listIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
+import { elapsedClock, killButton, statusBadge } from './jobParts';
 import { IJob, KernelJobs, elapsedNow } from './kernelJobs';
 import { ENDED, formatElapsed } from './protocol';
 
@@ -105,26 +106,12 @@ export class JobsPanel extends Widget {
     const mode = document.createElement('span');
     mode.className = 'jp-polycell-job-mode';
     mode.textContent = job.mode;
-    const badge = document.createElement('span');
-    badge.className = `jp-polycell-badge jp-polycell-status-${job.status}`;
-    badge.textContent = job.status;
-    const clock = document.createElement('span');
-    clock.className = 'jp-polycell-elapsed';
-    clock.textContent = formatElapsed(elapsedNow(job));
-    head.append(id, name, mode, badge, clock);
+    const clock = elapsedClock(formatElapsed(elapsedNow(job)));
+    head.append(id, name, mode, statusBadge(job.status), clock);
     if (!ENDED.has(job.status)) {
       this._clocks.push([clock, job]);
       if (job.status !== 'killing') {
-        const kill = document.createElement('button');
-        kill.className = 'jp-polycell-kill jp-mod-styled jp-mod-warn';
-        kill.textContent = 'Kill';
-        kill.title = `Kill job ${job.id}`;
-        kill.onclick = event => {
-          event.stopPropagation();
-          kill.disabled = true;
-          jobs.kill(job.id).catch(() => (kill.disabled = false));
-        };
-        head.append(kill);
+        head.append(killButton(job.id, () => jobs.kill(job.id)));
       }
     }
     const last = document.createElement('div');
