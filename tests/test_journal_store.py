@@ -184,21 +184,19 @@ def test_live_positions_continue_a_replay_with_each_unit_once():
                 kept.append({"msg_type": "stream", "content": {"name": "stdout", "text": text[skip:]}})
         elif position >= replay_end:
             kept.append(record)
-    whole = [(r["msg_type"], r["content"].get("text")) for r in journal.since(0)[0]]
-    merged: list[tuple[str, Any]] = []
-    for record in kept:
-        text = record["content"].get("text")
-        if merged and text is not None and merged[-1][0] == "stream":
-            merged[-1] = ("stream", merged[-1][1] + text)
-        else:
-            merged.append((record["msg_type"], text))
+    assert _streams_joined(kept) == _streams_joined(journal.since(0)[0])
+
+
+def _streams_joined(records: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """Each record's kind and text, with the text of consecutive stream records joined."""
     joined: list[tuple[str, Any]] = []
-    for kind, text in whole:
+    for record in records:
+        text = record["content"].get("text")
         if joined and text is not None and joined[-1][0] == "stream":
             joined[-1] = ("stream", joined[-1][1] + text)
         else:
-            joined.append((kind, text))
-    assert merged == joined
+            joined.append((record["msg_type"], text))
+    return joined
 
 
 def test_replaying_follower_sees_snapshot_then_live_in_order():
