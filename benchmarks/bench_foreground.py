@@ -19,7 +19,15 @@ from __future__ import annotations
 import sys
 import time
 
-from harness import POLYCELL_KERNEL, KernelSession, Row, median_round_trip, print_rows, stock_kernel_argv
+from harness import (
+    POLYCELL_KERNEL,
+    KernelSession,
+    Row,
+    median_round_trip,
+    print_rows,
+    stock_kernel_argv,
+    wait_running,
+)
 
 BENCH = "foreground round trip"
 SAMPLES = 50
@@ -44,15 +52,6 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
-def _wait_running(session: KernelSession, job_ids: range, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    for job_id in job_ids:
-        while session.eval(f"jobs[{job_id}].status.value") != "running":
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"busy job {job_id} did not start in {timeout}s")
-            time.sleep(0.01)
-
-
 ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_file={connection_file}"]
 BARS = {"thread": 3.0, "process": 1.2}
 
@@ -62,7 +61,7 @@ def _under_load(session: KernelSession, label: str, idle: float, mode: str, rows
     first = session.eval("len(jobs)") + 1
     for _ in range(JOBS):
         session.run(f"%%bg --mode {mode} --name busy\n_bench_cpu()")
-    _wait_running(session, range(first, first + JOBS))
+    wait_running(session, range(first, first + JOBS))
     # Responsive in every run, not in a good one: the worst of ROUNDS medians is the figure.
     medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
     busy = max(medians)

@@ -35,6 +35,7 @@ __all__ = [
     "median_round_trip",
     "print_rows",
     "stock_kernel_argv",
+    "wait_running",
 ]
 
 
@@ -63,6 +64,16 @@ def median_round_trip(session: KernelSession, code: str = "1", n: int = 200) -> 
         session.run(code)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def wait_running(session: KernelSession, job_ids: range, timeout: float = 30) -> None:
+    """Wait until each of `job_ids` is running (a busy job is measured against only once it runs)."""
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        while session.eval(f"jobs[{job_id}].status.value") != "running":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"busy job {job_id} did not start in {timeout}s")
+            time.sleep(0.01)
 
 
 BG_CELLS, BG_SLEEP = 8, 0.5
