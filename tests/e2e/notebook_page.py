@@ -136,6 +136,17 @@ class NotebookPage:
         self.cell(index).locator(".cm-content").click()
         self.page.keyboard.press("Shift+Enter")
 
+    def run_to_end(self, index: int) -> None:
+        """Run the cell and wait until it has finished: its prompt shows its number.
+
+        A ``%%bg`` cell below starts as soon as this one has *started* (the polycell
+        kernel does not wait for a running foreground cell), so one that uses what
+        this cell defines must be run only after this.
+        """
+        self.run(index)
+        prompt = self.cell(index).locator(".jp-InputPrompt")
+        expect(prompt).to_have_text(re.compile(r"\[\d+\]"), timeout=TIMEOUT_MS)
+
     def expect_running(self, index: int) -> None:
         """The cell is still executing: its prompt shows ``[*]``."""
         expect(self.cell(index).locator(".jp-InputPrompt")).to_contain_text("*", timeout=TIMEOUT_MS)

@@ -64,7 +64,7 @@ def test_a_running_job_continues_in_its_own_cell_after_a_reload(
     gate = lab.root / f"gate-{kernel}"
     setup = "%load_ext polycell" if kernel == "python3" else "import polycell"
     nb = open_notebook(f"reattach-{kernel}", [setup, gated_job(gate)], kernel=kernel)
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "line 3")
     nb.reload()  # the notebook was never saved: the cell comes back empty, then is rebuilt
@@ -84,7 +84,7 @@ def test_a_reload_while_a_foreground_cell_runs_still_gets_the_job_back(
     """The kernel is asked over its control channel, which answers while the main thread is busy."""
     gate = lab.root / "gate-busy"
     nb = open_notebook("busy", ["import polycell, time", gated_job(gate, "busy"), "time.sleep(600)"])
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "line 3")
     nb.run(2)
@@ -132,7 +132,7 @@ def test_another_tab_sees_the_job_and_a_job_that_ended_meanwhile(
 def test_a_cell_run_again_gets_back_only_its_new_job(open_notebook: OpenNotebook, lab: LabServer) -> None:
     gate = lab.root / "gate-rerun"
     nb = open_notebook("rerun", ["import polycell", gated_job(gate, "again")])
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "line 3")
     nb.run(1)  # the same cell again: job 2; job 1 runs on, its output no longer this cell's
@@ -151,7 +151,7 @@ def test_the_handles_kill_button_kills_the_job(open_notebook: OpenNotebook) -> N
         "kill-button",
         ["import time", '%%bg --name sleeper\nprint("going to sleep")\ntime.sleep(600)\nprint("woke up")'],
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "going to sleep")
     expect(handle(nb, 1)).to_have_attribute("data-status", "running", timeout=TIMEOUT_MS)
@@ -177,7 +177,8 @@ def test_the_jobs_panel_lists_kills_and_goes_to_the_cell(open_notebook: OpenNote
             "# a cell to move away to",
         ],
     )
-    for index in range(4):
+    nb.run_to_end(0)
+    for index in range(1, 4):
         nb.run(index)
     expect(handle(nb, 2)).to_have_attribute("data-status", "running", timeout=TIMEOUT_MS)
     panel = nb.open_jobs_panel()
@@ -201,7 +202,7 @@ def test_a_long_jobs_end_is_a_notification_that_goes_to_its_cell(open_notebook: 
         "notify",
         ["import time", '%%bg --name train\ntime.sleep(1.5)\nprint("trained")', "# elsewhere"],
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.run(2)
     toast = nb.page.locator(".Toastify__toast", has_text="job 1 'train' done after")
@@ -217,7 +218,7 @@ def test_notebook_7_puts_a_job_back_in_its_cell_after_a_reload_and_kills_it(
 ) -> None:
     gate = lab.root / "gate-notebook7"
     nb = open_notebook("notebook7", ["import polycell", gated_job(gate)], app="notebook")
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "line 3")
     nb.reload()
@@ -248,7 +249,7 @@ def test_notebook_7_opens_the_jobs_panel_from_the_command_palette(open_notebook:
         ["import time", '%%bg --name sleeper\nprint("zzz")\ntime.sleep(600)'],
         app="notebook",
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     expect(handle(nb, 1)).to_have_attribute("data-status", "running", timeout=TIMEOUT_MS)
     nb.page.keyboard.press("Control+Shift+c")

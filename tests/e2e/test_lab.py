@@ -43,7 +43,7 @@ def test_each_job_prints_under_its_own_cell(open_notebook: OpenNotebook) -> None
             "stop.set()",
         ],
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "tick 2")
     # The ticker runs until cell 5 sets `stop`: everything below happens while it prints.
@@ -86,8 +86,7 @@ def test_interrupt_stops_only_the_foreground_cell(open_notebook: OpenNotebook) -
             'print("survivor finished")',
         ],
     )
-    nb.run(0)
-    expect(nb.cell(0).locator(".jp-InputPrompt")).to_contain_text("1", timeout=60_000)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_running(1)
     nb.run(2)
@@ -117,7 +116,7 @@ def test_job_show_after_reload_replays_and_follows(open_notebook: OpenNotebook) 
             "release.set()",
         ],
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "line 3")
     nb.screenshot("3-before-reload")
@@ -146,7 +145,7 @@ def test_job_kill_marks_the_jobs_cell_killed(open_notebook: OpenNotebook) -> Non
             "%job kill 1",
         ],
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     nb.expect_output(1, "going to sleep")
     expect(nb.cell(1).locator(".jp-polycell-handle")).to_contain_text("running")
@@ -170,7 +169,8 @@ def test_jobs_renders_an_html_table(open_notebook: OpenNotebook) -> None:
             "%job kill 3",
         ],
     )
-    for index in range(4):
+    nb.run_to_end(0)
+    for index in range(1, 4):
         nb.run(index)
     expect(nb.cell(1).locator(".jp-polycell-handle")).to_contain_text("done", timeout=60_000)
     nb.expect_output(2, "ZeroDivisionError")
@@ -198,7 +198,7 @@ def test_input_in_a_job_prompts_in_its_own_cell(open_notebook: OpenNotebook) -> 
             'print("after the answer")',
         ],
     )
-    nb.run(0)
+    nb.run_to_end(0)
     nb.run(1)
     # The question is asked in the job's own cell, after that cell has finished running.
     prompt = nb.cell(1).locator(".jp-Stdin-input")
