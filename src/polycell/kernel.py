@@ -48,6 +48,7 @@ from IPython.core.error import StdinNotImplementedError, UsageError
 from tornado.ioloop import IOLoop
 from traitlets import Float
 
+from polycell import history_pacing
 from polycell.interrupts import BackgroundThread
 from polycell.iopub_batch import BatchingIOPubSocket
 from polycell.job import JobError, current_job, one_line
@@ -165,7 +166,10 @@ class PolycellKernel(_Ipykernel74):
     async def dispatch_shell(
         self, msg: list[Any], /, subshell_id: str | None = None, *, concurrent: bool = False
     ) -> None:
-        """As ipykernel; first mark a queued execute request as begun (`MainThreadQueue`)."""
+        """As ipykernel; first mark a queued execute request as begun (`MainThreadQueue`).
+
+        IPython's history thread writes once the request is answered (`history_pacing`).
+        """
         if subshell_id is None and not concurrent and len(msg) > 1 and len(self.main_queue):
             try:
                 _, frames = self.session.feed_identities(msg, copy=False)
@@ -174,7 +178,8 @@ class PolycellKernel(_Ipykernel74):
                 header = {}
             if header.get("msg_type") == "execute_request":
                 self.main_queue.started(str(header.get("msg_id")))
-        await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+        with history_pacing.answering(self.shell.history_manager):  # the reply before the history write
+            await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
 
     def _look(self, msg: list[Any]) -> tuple[list[bytes], list[Any], dict, dict, dict] | None:
         """An execute request's idents, frames, header, metadata and content; None for others."""
@@ -221,7 +226,8 @@ class PolycellKernel(_Ipykernel74):
                 daemon=True,
             ).start()
         else:
-            self._run_out_of_queue(idents, request, action, self._send_reply)
+            with history_pacing.answering(self.shell.history_manager):
+                self._run_out_of_queue(idents, request, action, self._send_reply)
         return True
 
     def _is_polycell_magic(self, action: OutOfQueue) -> bool:
