@@ -18,8 +18,8 @@ LAYERS = {
     "after_import view cell stream_text",
     2: "routing program_output job_figures rich_output iopub journal_store stored_jobs journal_files "
     "dask_worker",
-    3: "extension magics control",
-    4: "kernel kernelapp out_of_queue iopub_batch history_pacing",
+    3: "extension magics control history_pacing",
+    4: "kernel kernelapp out_of_queue iopub_batch",
     5: "cli kernel_link kernelspec headless notebook_run papermill_engine __main__ __init__",
 }
 LAYER = {module: layer for layer, names in LAYERS.items() for module in names.split()}

@@ -9,7 +9,7 @@ import time
 
 from IPython.core.history import HistorySavingThread
 
-from kernel_session import POLYCELL_KERNEL, KernelSession
+from kernel_session import KernelSession
 from polycell.history_pacing import PacedSaveFlag
 
 
@@ -89,34 +89,31 @@ def _wait_stored(hist_file: str, session_number: int, inputs: list[str], timeout
         time.sleep(0.05)
 
 
-def test_every_input_reaches_the_history_database_also_after_a_fork() -> None:
+def test_every_input_reaches_the_history_database_also_after_a_fork(any_kernel: KernelSession) -> None:
     """Foreground cells, background cells and the cells after a process job's fork, which restarts
-    IPython's history thread (with a plain flag, paced again by the next request)."""
-    session = KernelSession(POLYCELL_KERNEL, load_ext=False)
-    try:
-        hist_file = session.eval("str(get_ipython().history_manager.hist_file)")
-        session_number = session.eval("get_ipython().history_manager.session_number")
-        inputs = [f"x{n} = {n}" for n in range(20)]
-        for code in inputs:
-            session.run(code)
-        for n in range(5):
-            code = f"%%bg\ny{n} = {n}"
-            inputs.append(code)
-            session.run(code)
-        assert session.eval("type(get_ipython().history_manager.save_thread.save_flag).__name__") == (
-            "PacedSaveFlag"
-        )
-        first = session.eval("len(jobs)") + 1
-        session.run("%%bg --mode process\nz = 1")
-        session.wait_job_end(first, timeout=60)
-        after = [f"w{n} = {n}" for n in range(5)]
-        for code in after:
-            session.run(code)
-        inputs += after
-        stored = _wait_stored(hist_file, session_number, inputs)
-        assert [text for text in inputs if text not in stored] == []
-        assert session.eval("type(get_ipython().history_manager.save_thread.save_flag).__name__") == (
-            "PacedSaveFlag"
-        )
-    finally:
-        session.close()
+    IPython's history thread (with a plain flag, paced again by the next cell)."""
+    session = any_kernel
+    hist_file = session.eval("str(get_ipython().history_manager.hist_file)")
+    session_number = session.eval("get_ipython().history_manager.session_number")
+    inputs = [f"x{n} = {n}" for n in range(20)]
+    for code in inputs:
+        session.run(code)
+    for n in range(5):
+        code = f"%%bg\ny{n} = {n}"
+        inputs.append(code)
+        session.run(code)
+    assert session.eval("type(get_ipython().history_manager.save_thread.save_flag).__name__") == (
+        "PacedSaveFlag"
+    )
+    first = session.eval("len(jobs)") + 1
+    session.run("%%bg --mode process\nz = 1")
+    session.wait_job_end(first, timeout=60)
+    after = [f"w{n} = {n}" for n in range(5)]
+    for code in after:
+        session.run(code)
+    inputs += after
+    stored = _wait_stored(hist_file, session_number, inputs)
+    assert [text for text in inputs if text not in stored] == []
+    assert session.eval("type(get_ipython().history_manager.save_thread.save_flag).__name__") == (
+        "PacedSaveFlag"
+    )

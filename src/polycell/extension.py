@@ -19,6 +19,7 @@ from typing import Any
 from polycell import view
 from polycell.cell import CellWork, CompiledCell, compile_cell
 from polycell.control import ControlHandler
+from polycell.history_pacing import paced_history
 from polycell.interrupts import BackgroundThread, InterruptWaker
 from polycell.iopub import IOPubPublisher
 from polycell.job import Job, JobError, JobState, one_line
@@ -261,8 +262,13 @@ class Polycell:
         return cell_id
 
     def _note_cell(self, _info: Any) -> None:
-        """pre_run_cell: the request the main thread runs now is its cell's latest."""
+        """pre_run_cell: the request the main thread runs now is its cell's latest.
+
+        Also where IPython's history thread gets its `PacedSaveFlag` (again after a fork),
+        before the cell's input is stored.
+        """
         self.note_request(self.shell.parent_header)
+        paced_history(self.shell.history_manager)
 
     def show(self, job: Job) -> None:
         """Replay a job's journal into the current cell, then follow it live."""
