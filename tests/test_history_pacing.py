@@ -6,11 +6,12 @@ import inspect
 import sqlite3
 import threading
 import time
+from types import SimpleNamespace
 
 from IPython.core.history import HistorySavingThread
 
 from kernel_session import KernelSession
-from polycell.history_pacing import PacedSaveFlag
+from polycell.history_pacing import PacedSaveFlag, paced_history
 
 
 class _Thread:
@@ -63,6 +64,27 @@ def test_a_stopping_history_thread_does_not_wait() -> None:
 def test_an_unset_flag_times_out_as_an_event_does() -> None:
     flag = PacedSaveFlag(_Thread())  # type: ignore[arg-type]
     assert flag.wait(0.01) is False
+
+
+def test_threads_asking_at_once_all_get_the_one_flag_the_history_thread_waits_on() -> None:
+    """The main thread and the shell channel thread may both be first to ask."""
+    history_thread = _Thread()
+    history_thread.save_flag = threading.Event()  # type: ignore[attr-defined]
+    manager = SimpleNamespace(save_thread=history_thread)
+    start = threading.Barrier(8)
+    got: list[PacedSaveFlag | None] = []
+
+    def ask() -> None:
+        start.wait(10)
+        got.append(paced_history(manager))
+
+    askers = [threading.Thread(target=ask, name=f"test-asker-{n}") for n in range(8)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(10)
+    assert len(got) == 8 and all(flag is history_thread.save_flag for flag in got)  # type: ignore[attr-defined]
+    assert isinstance(history_thread.save_flag, PacedSaveFlag)  # type: ignore[attr-defined]
 
 
 def test_the_ipython_history_thread_works_as_pacing_expects() -> None:

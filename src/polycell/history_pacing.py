@@ -6,18 +6,17 @@ every cell starts (``HistoryManager.db_cache_size`` is 0 by default). Each
 write is a transaction and a commit, and the thread takes the GIL back after
 every SQLite call. On a two-core machine that write lands exactly while the
 kernel sends the cell's reply and ``idle``, and cells sent back to back (Run
-All, a burst of ``%%bg`` cells) each get a write of their own. In
-``benchmarks/round_trip_timeline.py`` terms, it held the reply of a trivial
-cell up for about a millisecond.
+All, a burst of ``%%bg`` cells) each get a write of their own. Traced in a
+kernel, it held up the reply of a trivial cell by about a millisecond (README,
+"Where the time goes").
 
 `PacedSaveFlag` takes the place of the thread's flag. The thread still wakes
 when IPython sets it, but before it writes it waits until no request is being
 answered (`answering`), and then `batch_seconds` more, so that inputs arriving
 in quick succession share one write. Both waits are bounded: a long cell's
-input is in the database within `max_delay` of its start, as good as before,
-and a thread being stopped (at exit, before a fork) does not wait at all.
-Nothing is written less: every input reaches the database, with its
-neighbours, in one transaction.
+input is in the database within `max_delay` of its start, and a thread being
+stopped (at exit, before a fork) does not wait at all. Nothing is written
+less: every input reaches the database, with its neighbours, in one transaction.
 
 Written against IPython 9.18, whose ``HistorySavingThread.run`` waits on
 ``self.save_flag`` afresh on every turn of its loop, and whose ``stop()`` sets
@@ -34,6 +33,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 __all__ = ["PacedSaveFlag", "answering", "paced_history"]
+
+_installing = threading.Lock()
 
 
 class PacedSaveFlag(threading.Event):
@@ -96,8 +97,12 @@ def paced_history(history_manager: Any) -> PacedSaveFlag | None:
     flag = thread.save_flag
     if isinstance(flag, PacedSaveFlag):
         return flag
-    paced = PacedSaveFlag(thread)
-    thread.save_flag = paced
+    with _installing:  # the main thread and the shell channel thread may both get here first
+        flag = thread.save_flag
+        if isinstance(flag, PacedSaveFlag):
+            return flag
+        paced = PacedSaveFlag(thread)
+        thread.save_flag = paced
     # The thread waits on the old flag: one more write (of whatever is cached), then it waits on this one.
     flag.set()
     return paced
