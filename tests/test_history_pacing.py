@@ -37,6 +37,21 @@ def test_the_history_thread_waits_for_the_request_being_answered() -> None:
     assert not waiter.is_alive()
 
 
+def test_with_no_request_answered_the_write_still_waits_for_its_batch() -> None:
+    """Inputs in quick succession share one write: a set while the thread waits starts no other."""
+    thread = _Thread()
+    flag = PacedSaveFlag(thread, batch_seconds=60, max_delay=60)  # type: ignore[arg-type]
+    waiter = _waiter(flag)
+    flag.set()
+    flag.set()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "the history thread wrote before its batch was due"
+    thread._stop_now = True
+    flag.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+
+
 def test_a_long_request_holds_the_history_write_back_only_up_to_max_delay() -> None:
     flag = PacedSaveFlag(_Thread(), batch_seconds=0, max_delay=0.05)  # type: ignore[arg-type]
     with flag.answering():
