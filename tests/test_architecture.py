@@ -96,7 +96,7 @@ def test_imports_go_down_the_layers() -> None:
 def test_modules_are_readable_in_one_sitting() -> None:
     """About 400 lines; the ones still over are listed, and may only shrink."""
     over = {
-        "kernel": 460,  # the ipykernel subclass: each override is one of ipykernel's hooks
+        "kernel": 450,  # the ipykernel subclass: each override is one of ipykernel's hooks
         "dask_runner": 440,  # a task's two ways home (result and events) and its kill
     }
     for path in PACKAGE.glob("*.py"):

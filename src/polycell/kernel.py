@@ -166,10 +166,7 @@ class PolycellKernel(_Ipykernel74):
     async def dispatch_shell(
         self, msg: list[Any], /, subshell_id: str | None = None, *, concurrent: bool = False
     ) -> None:
-        """As ipykernel; first mark a queued execute request as begun (`MainThreadQueue`).
-
-        IPython's history thread writes once the request is answered (`history_pacing`).
-        """
+        """As ipykernel; first mark a queued execute request as begun (`MainThreadQueue`)."""
         if subshell_id is None and not concurrent and len(msg) > 1 and len(self.main_queue):
             try:
                 _, frames = self.session.feed_identities(msg, copy=False)
@@ -410,8 +407,7 @@ class PolycellKernel(_Ipykernel74):
                 f"{what} was called in background job {job.id if job else '?'}, but the front end "
                 "that started it does not accept input requests (allow_stdin is false)"
             )
-        polycell = self.polycell
-        if polycell is not None:
+        if (polycell := self.polycell) is not None:
             polycell.publisher.flush(2)  # the job's output so far comes before its prompt
         return self._input_request(
             prompt, self._get_shell_context_var(self._shell_parent_ident), self.get_parent("shell"), password
@@ -441,8 +437,7 @@ class PolycellKernel(_Ipykernel74):
         for job in running:
             job.kill(timeout=0, reason=reason)  # ask them all first; the runners' shutdown waits
         jobs.shutdown()
-        polycell = self.polycell
-        if polycell is not None:
+        if (polycell := self.polycell) is not None:
             polycell.publisher.flush(2)
         if running:
             self.log.info("polycell: %d job(s) killed: %s", len(running), reason)
