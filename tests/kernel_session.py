@@ -108,6 +108,13 @@ class KernelSession:
         """Send an execute request; returns its msg_id without waiting."""
         return self.kc.execute(code, **kwargs)
 
+    def execute_in_cell(self, code: str, cell_id: str) -> str:
+        """An execute request as JupyterLab and Notebook 7 send it, with the cell's id; returns its msg_id."""
+        content = {"code": code, "silent": False, "store_history": True, "allow_stdin": False}
+        msg = self.kc.session.msg("execute_request", content, metadata={"cellId": cell_id})
+        self.kc.shell_channel.send(msg)
+        return str(msg["header"]["msg_id"])
+
     def execute_accepted(self, code: str, timeout: float = 60) -> str:
         """Execute, sending again while ipykernel aborts it; returns the accepted msg_id.
 

@@ -272,13 +272,7 @@ def test_a_kernel_without_polycell(runtime):
 def test_a_job_keeps_the_id_of_the_cell_that_started_it(any_kernel):
     """JupyterLab sends the cell's id with each request; the jobs list over the control channel has it."""
     kernel = any_kernel
-    msg = kernel.kc.session.msg(
-        "execute_request",
-        {"code": "%%bg\nprint('in its cell')", "silent": False, "store_history": True, "allow_stdin": False},
-        metadata={"cellId": "cell-7f3a"},
-    )
-    kernel.kc.shell_channel.send(msg)
-    tagged = kernel.job_id(msg["header"]["msg_id"])
+    tagged = kernel.job_id(kernel.execute_in_cell("%%bg\nprint('in its cell')", "cell-7f3a"))
     untagged = kernel.job_id(kernel.execute("%%bg\nprint('no cell id')"))
     with KernelLink(kernel.connection_file, 10) as link:
         rows = {row["id"]: row for row in link.request("jobs")["jobs"]}

@@ -213,13 +213,10 @@ def test_jupyter_console_learns_how_a_job_ended(any_kernel: KernelSession) -> No
 
 def test_a_notebook_gets_no_end_line_its_handle_says_it(any_kernel: KernelSession) -> None:
     """JupyterLab and Notebook 7 send the cell's id; they redraw the handle, so no extra line."""
-    kc = any_kernel.kc
-    content = {"code": "%%bg\nprint('in a notebook')", "silent": False, "store_history": True}
-    msg = kc.session.msg("execute_request", content, metadata={"cellId": "a-cell-id"})
-    kc.shell_channel.send(msg)
-    job = any_kernel.job_id(msg["header"]["msg_id"])
+    msg_id = any_kernel.execute_in_cell("%%bg\nprint('in a notebook')", "a-cell-id")
+    job = any_kernel.job_id(msg_id)
     any_kernel.wait_job_end(job)
-    assert any_kernel.text(msg["header"]["msg_id"]) == "in a notebook\n"
+    assert any_kernel.text(msg_id) == "in a notebook\n"
     plain = any_kernel.execute("%%bg\nprint('from a terminal')")
     any_kernel.wait_job_end(any_kernel.job_id(plain))
     any_kernel.wait_for(lambda m: _end_line_of(m) is not None and m["parent_header"]["msg_id"] == plain)

@@ -139,14 +139,6 @@ def test_jobs_table_from_a_new_client(kernel, second_client):
     )
 
 
-def _execute_in_cell(kernel: KernelSession, code: str, cell_id: str) -> str:
-    """An execute_request as JupyterLab sends it: with the cell's id in its metadata."""
-    content = {"code": code, "silent": False, "store_history": True, "allow_stdin": False}
-    msg = kernel.kc.session.msg("execute_request", content, metadata={"cellId": cell_id})
-    kernel.kc.shell_channel.send(msg)
-    return str(msg["header"]["msg_id"])
-
-
 def _keep_after(position: int, messages: list[dict]) -> list[tuple[str, str]]:
     """What the JupyterLab extension keeps of live messages after replaying up to `position`."""
     kept = []
@@ -185,7 +177,7 @@ def test_a_reloaded_page_replays_then_follows_each_output_once(any_kernel):
     assert {"text": "polycell", "url": "https://pypi.org/project/polycell/"} in reply["content"]["help_links"]
 
     kernel.run("import threading; gate = threading.Event()")
-    started = _execute_in_cell(kernel, JOB, "cell-1")
+    started = kernel.execute_in_cell(JOB, "cell-1")
     job = kernel.job_id(started)
     kernel.wait_for(
         lambda m: (
@@ -213,7 +205,7 @@ def test_a_reloaded_page_replays_then_follows_each_output_once(any_kernel):
         assert rest["ended"] is True
         # The cell runs something else (the polycell kernel runs %jobs off the main thread,
         # where no pre_run_cell is called): it no longer shows the job's request.
-        jobs_table = _execute_in_cell(kernel, "%jobs", "cell-1")
+        jobs_table = kernel.execute_in_cell("%jobs", "cell-1")
         kernel.reply(jobs_table)
         assert link.request("jobs")["cells"]["cell-1"] == jobs_table
 
@@ -236,14 +228,12 @@ def test_a_job_an_earlier_run_of_a_cell_starts_leaves_the_cells_latest_request_a
     that earlier run's jobs back over what the cell shows now."""
     kernel = any_kernel
     kernel.run("import threading; go = threading.Event()")
-    first = _execute_in_cell(
-        kernel,
-        "%%bg --name outer\ngo.wait()\ninner = jobs.map(abs, range(3), workers=1, mode='thread')",
-        "cell-1",
+    first = kernel.execute_in_cell(
+        "%%bg --name outer\ngo.wait()\ninner = jobs.map(abs, range(3), workers=1, mode='thread')", "cell-1"
     )
     outer = kernel.job_id(first)
     kernel.reply(first)
-    again = _execute_in_cell(kernel, "x = 1", "cell-1")
+    again = kernel.execute_in_cell("x = 1", "cell-1")
     kernel.reply(again)
     kernel.run("go.set()")
     kernel.wait_job_end(outer)
