@@ -138,3 +138,50 @@ def test_batched_iopub_sends_in_order_with_what_is_scheduled_directly_on_the_iop
         io_thread.close()
         sub.close(linger=0)
         ctx.term()
+
+
+def test_a_message_with_nothing_queued_ahead_is_sent_by_its_own_thread_and_one_behind_waits():
+    """No wake-up of the IOPub thread when nothing waits for it; never ahead of what does."""
+    import threading
+
+    import zmq
+    from ipykernel.iostream import BackgroundSocket, IOPubThread
+
+    from polycell.iopub_batch import BatchingIOPubSocket
+
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)  # as the kernel's: its subscriptions are read by a stream
+    port = xpub.bind_to_random_port("tcp://127.0.0.1")
+    io_thread = IOPubThread(xpub)
+    io_thread.start()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        batching = BatchingIOPubSocket(BackgroundSocket(io_thread))
+        assert batching._shared.wait_shared(10)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        while True:  # until the subscription, read under the shared lock, has reached the socket
+            batching.send_multipart([b"probe"])
+            if sub.poll(100):
+                break
+        while sub.poll(100):
+            sub.recv_multipart()
+
+        hold, holding = threading.Event(), threading.Event()
+        io_thread.io_loop.add_callback(lambda: (holding.set(), hold.wait(10)))
+        assert holding.wait(10)
+        batching.send_multipart([b"sent while the IOPub thread is held"])
+        assert sub.poll(10_000), "nothing queued ahead: the sending thread sends"
+        assert sub.recv_multipart() == [b"sent while the IOPub thread is held"]
+
+        io_thread.send_multipart([b"queued"])  # as ipykernel's streams schedule their output
+        batching.send_multipart([b"behind it"])  # waits for the held thread: received in this order
+        hold.set()
+        for expected in (b"queued", b"behind it"):
+            assert sub.poll(10_000)
+            assert sub.recv_multipart() == [expected]
+    finally:
+        io_thread.stop()
+        io_thread.close()
+        sub.close(linger=0)
+        ctx.term()

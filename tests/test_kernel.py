@@ -101,7 +101,7 @@ def test_outstream_marks_unsent_output_as_routing_expects(pk):
 
 
 def test_ipykernel_internals_polycell_relies_on():
-    """Fails when ipykernel moves what `polycell.kernel._Ipykernel74` reaches into (written for 7.4.0)."""
+    """Fails when ipykernel moves what `polycell.ipykernel_internals.Ipykernel74` reaches into (7.4.0)."""
     import ipykernel
     from ipykernel.ipkernel import IPythonKernel
     from ipykernel.kernelbase import Kernel
@@ -136,6 +136,21 @@ def test_ipykernel_internals_polycell_relies_on():
     schedule = inspect.getsource(IOPubThread.schedule)
     assert "self._events.append(f)" in schedule  # what polycell.iopub_batch reads to join a pending drain
     assert "self._events.popleft()" in inspect.getsource(IOPubThread._handle_event)
+    # ... and shares its socket: the thread runs what was scheduled when its _event_puller wakes it,
+    # and reads an XPUB socket's subscriptions with _xpub_stream.
+    event_pipe = inspect.getsource(IOPubThread._setup_event_pipe)
+    assert "self._event_puller.on_recv(self._handle_event)" in event_pipe
+    assert "self._xpub_stream = ZMQStream(self.socket, self.io_loop)" in inspect.getsource(
+        IOPubThread._setup_xpub_listener
+    )
+    # The main thread's replies: sent to this socket, for the shell channel thread to forward.
+    from ipykernel.subshell_manager import SubshellManager
+
+    assert "manager.get_subshell_to_shell_channel_socket(" in inspect.getsource(Kernel.dispatch_shell)
+    assert list(inspect.signature(SubshellManager.get_subshell_to_shell_channel_socket).parameters) == [
+        "self",
+        "subshell_id",
+    ]
     # The per-context parent that get_parent("shell") and raw_input read.
     assert {"_shell_parent", "_shell_parent_ident"} <= set(Kernel.__annotations__)
     source = inspect.getsource(Kernel.raw_input)
@@ -179,21 +194,21 @@ def test_peek_reads_the_wire_frames_polycell_expects():
     import zmq
     from jupyter_client.session import Session
 
-    from polycell.kernel import _Ipykernel74
+    from polycell.ipykernel_internals import Ipykernel74
 
     session = Session(key=b"secret")
     msg = session.msg("execute_request", {"code": "%%bg\n1"}, metadata={"tags": ["bg"]})
     wire = [zmq.Frame(part) for part in session.serialize(msg, ident=[b"client"])]
     idents, frames = session.feed_identities(wire, copy=False)
     fake = types.SimpleNamespace(session=session)
-    header, metadata, content = _Ipykernel74._peek(fake, frames)  # type: ignore[arg-type]
+    header, metadata, content = Ipykernel74._peek(fake, frames)  # type: ignore[arg-type]
     assert idents == [b"client"]
     assert (header["msg_id"], header["msg_type"]) == (msg["header"]["msg_id"], "execute_request")
     assert metadata == {"tags": ["bg"]}
     assert content == {"code": "%%bg\n1"}
-    assert _Ipykernel74._signed(fake, frames)  # type: ignore[arg-type]
+    assert Ipykernel74._signed(fake, frames)  # type: ignore[arg-type]
     forged = [frames[0], zmq.Frame(session.pack({**header, "msg_id": "forged"})), *frames[2:]]
-    assert not _Ipykernel74._signed(fake, forged)  # type: ignore[arg-type]
+    assert not Ipykernel74._signed(fake, forged)  # type: ignore[arg-type]
     # ipykernel's own deserialize agrees on both.
     assert (
         session.deserialize(list(frames), content=False, copy=False)["header"]["msg_id"] == header["msg_id"]

@@ -14,6 +14,12 @@ was scheduled on the IOPub thread after it; only otherwise does it start a new
 batch and wake the thread. Order holds for every thread: each batch is sent in
 the order it was filled, where its wake-up stands in line.
 
+And when nothing is queued for the IOPub thread at all, as for most of a
+foreground cell's messages, there is no wake-up: the thread that made the
+message sends it itself, on the socket it shares with the IOPub thread
+(`SharedSocket`). The IOPub thread holds that socket while it runs what was
+scheduled, so a message sent this way can never overtake one queued before it.
+
 `held` goes further for the ``%%bg`` cells the polycell kernel starts from its
 shell channel thread: busy, execute_input and the job's handle are queued
 together when the handle is sent (`IOPubPublisher.send_now` releases them),
@@ -28,6 +34,8 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+from polycell.shared_socket import SharedSocket
+
 __all__ = ["BatchingIOPubSocket"]
 
 _Message = tuple[tuple[Any, ...], dict[str, Any]]  # send_multipart's arguments
@@ -37,19 +45,25 @@ class BatchingIOPubSocket:
     """ipykernel's ``BackgroundSocket``, handing messages to the IOPub thread in batches.
 
     Reaches into ipykernel 7.4.0's ``IOPubThread``: ``_really_send(msg, *args,
-    **kwargs)``, the function ``send_multipart`` schedules for each message, and
+    **kwargs)``, the function ``send_multipart`` schedules for each message;
     ``_events``, the deque of what ``schedule`` (public) has queued for the
-    thread; tests/test_kernel.py::test_ipykernel_internals_polycell_relies_on
-    fails if either moves.
+    thread; ``_handle_event``, which runs them when ``_event_puller`` (a
+    ZMQStream) wakes the thread; and ``_xpub_stream``, which reads the socket's
+    subscriptions; tests/test_kernel.py::test_ipykernel_internals_polycell_relies_on
+    fails if any of them moves.
     """
 
     def __init__(self, socket: Any) -> None:
         self._socket = socket
-        self._io_thread = socket.io_thread
+        self._io_thread = io_thread = socket.io_thread
         self._local = threading.local()
         self._lock = threading.Lock()  # guards `_last` and its batch against the drain taking it
         #: The batch last scheduled, with its drain; more messages join it while the drain is last in line.
         self._last: tuple[Callable[[], None], list[_Message]] | None = None
+        subscriptions = getattr(io_thread, "_xpub_stream", None)  # none on a plain PUB socket
+        self._shared = SharedSocket(io_thread.socket, io_thread.io_loop, subscriptions)
+        if io_thread.thread.is_alive():
+            self._shared.share(then=lambda: io_thread._event_puller.on_recv(self._run_scheduled))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._socket, name)
@@ -85,6 +99,13 @@ class BatchingIOPubSocket:
             self._enqueue(held)
 
     def _enqueue(self, messages: Iterable[_Message]) -> None:
+        if self._shared.shared and not self._io_thread._events:
+            # Free means the IOPub thread is not running what was scheduled either: it holds the socket.
+            with self._shared.sending_if_free() as free:
+                if free is not None and not self._io_thread._events:
+                    for args, kwargs in messages:
+                        self._io_thread._really_send(*args, **kwargs)
+                    return
         with self._lock:
             if self._last is not None and self._is_last_scheduled(self._last[0]):
                 self._last[1].extend(messages)
@@ -111,3 +132,8 @@ class BatchingIOPubSocket:
             batch.clear()
         for args, kwargs in messages:
             self._io_thread._really_send(*args, **kwargs)
+
+    def _run_scheduled(self, wake_up: list[bytes]) -> None:
+        """On the IOPub thread, for each wake-up: run what was scheduled, holding the socket."""
+        with self._shared.sending():
+            self._io_thread._handle_event(wake_up)

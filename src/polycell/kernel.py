@@ -28,7 +28,7 @@ shell messages while it does: starting a job, which for ``--mode dask`` may
 mean connecting to the cluster and cloudpickling the cell's inputs. ``%job kill``
 waits for the job in a thread of its own.
 
-All reaching into ipykernel internals is in `_Ipykernel74`, below.
+All reaching into ipykernel internals is in `Ipykernel74` (ipykernel_internals.py).
 """
 
 from __future__ import annotations
@@ -40,17 +40,15 @@ import sys
 import threading
 from collections.abc import Callable
 from functools import partial
-from hmac import compare_digest
 from typing import Any
 
-from ipykernel.ipkernel import IPythonKernel
 from IPython.core.error import StdinNotImplementedError, UsageError
 from tornado.ioloop import IOLoop
-from traitlets import Float
 
 from polycell import history_pacing
 from polycell.interrupts import BackgroundThread
 from polycell.iopub_batch import BatchingIOPubSocket
+from polycell.ipykernel_internals import Ipykernel74
 from polycell.job import JobError, current_job, one_line
 from polycell.job_table import jobs
 from polycell.out_of_queue import ExecutionCounter, MainThreadQueue, OutOfQueue, out_of_queue_action
@@ -66,73 +64,13 @@ request_allow_stdin: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-class _Ipykernel74(IPythonKernel):
-    """The ipykernel internals polycell relies on, in one place.
-
-    Written against ipykernel 7.4.0; tests/test_kernel.py::test_ipykernel_internals
-    fails if any of them moves. Each is used only here:
-
-    * ``shell_channel_thread_main(msg)``: the coroutine the shell channel thread
-      runs for every message arriving on the shell socket, before it is queued
-      for the main thread (or a subshell). This is the interception point. It
-      holds ``shell_channel_thread.asyncio_lock`` while it routes a message; a
-      request taken out of the queue skips that lock, which is safe because
-      everything here runs synchronously on that same thread's event loop (no
-      ``await`` between looking at a message and answering it), so it cannot
-      interleave with ipykernel's routing of another message.
-    * ``dispatch_shell(msg, /, subshell_id, *, concurrent)``: where the main
-      thread begins a queued request, run or aborted (see `MainThreadQueue`).
-    * ``_shell_parent`` / ``_shell_parent_ident``: the context variables that
-      ``get_parent("shell")`` and ``raw_input`` read. ``set_parent`` sets them
-      too, but also resets the kernel-wide fallbacks, which must keep pointing
-      at the foreground cell; so they are set directly, in a copied context.
-    * ``_publish_status``, ``_publish_execute_input``, ``_topic``,
-      ``_input_request``, ``_get_shell_context_var``: the kernel's own helpers,
-      reused as ipykernel uses them.
-    * ``_forward_input(allow_stdin)`` / ``_restore_input()``, called by
-      ``do_execute`` around every cell, and the attributes they keep:
-      ``_allow_stdin`` (read by ``raw_input``/``getpass``), ``_sys_raw_input``
-      and ``_save_getpass`` (the originals that ``_restore_input`` puts back).
-      polycell overrides both to keep input forwarded between cells.
-    * ``_execute_sleep``: a 0.5 ms pause before each execute reply (FIXME there); 0 here.
-    """
-
-    _execute_sleep = Float(0.0).tag(config=True)
-
-    def _set_request_parent(self, idents: list[bytes], msg: dict[str, Any]) -> None:
-        """Make `msg` the parent in the current context only (kernel, shell, streams, displays)."""
-        self._shell_parent.set(msg)
-        self._shell_parent_ident.set(idents)
-        self.shell.set_thread_parent(msg)
-
-    def _peek(self, frames: list[Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Header, metadata and content of a raw message, unverified (a cheap look).
-
-        `frames` is what ``session.feed_identities`` leaves: the Jupyter wire
-        protocol's ``[signature, header, parent_header, metadata, content, *buffers]``
-        as ``zmq.Frame`` objects (ipykernel 7.4 receives shell messages with
-        ``copy=False``).
-        """
-        unpack = self.session.unpack
-        return unpack(frames[1].bytes), unpack(frames[3].bytes), unpack(frames[4].bytes)
-
-    def _signed(self, frames: list[Any]) -> bool:
-        """Whether ipykernel will accept the message: its HMAC signature checks (as deserialize does)."""
-        if self.session.auth is None:
-            return True
-        return compare_digest(frames[0].bytes, self.session.sign([f.bytes for f in frames[1:5]]))
-
-    def _publish_error(self, content: dict[str, Any], parent: dict[str, Any]) -> None:
-        """An ``error`` message on iopub, as ipykernel's shell sends for a failed cell."""
-        self.session.send(self.iopub_socket, "error", content, parent=parent, ident=self._topic("error"))
-
-
-class PolycellKernel(_Ipykernel74):
+class PolycellKernel(Ipykernel74):
     """IPython kernel whose background cells start at once, however busy the main thread is."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.iopub_socket = BatchingIOPubSocket(self.iopub_socket)  # before polycell takes it
+        self.shell_replies = self._send_replies_directly()
         self.shell.displayhook.pub_socket = self.shell.display_pub.pub_socket = self.iopub_socket
         self.counter = ExecutionCounter(self.shell)
         self.main_queue = MainThreadQueue()
@@ -279,7 +217,7 @@ class PolycellKernel(_Ipykernel74):
                 metadata = self.init_metadata(request)
                 metadata = self.finish_metadata(request, metadata, reply)
                 self.session.send(
-                    self.shell_stream, "execute_reply", reply, request, metadata=metadata, ident=idents
+                    self.shell_replies, "execute_reply", reply, request, metadata=metadata, ident=idents
                 )
         finally:
             self._publish_status("idle", "shell", parent=request)

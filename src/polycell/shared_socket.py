@@ -1,0 +1,162 @@
+"""A kernel socket that any thread may send on, not only the thread ipykernel gave it to.
+
+ipykernel gives each of the kernel's sockets to one thread: the shell channel
+thread sends every shell reply, the IOPub thread every iopub message. Another
+thread hands its message over, and the message waits until that thread wakes
+up and wins the GIL: for a trivial foreground cell, the reply and the status
+messages each take such a hand-off, which is most of what separates its round
+trip from the floor (README, "Where the time goes").
+
+A ZeroMQ socket may be used by several threads as long as no two use it at once,
+with a full memory barrier between them: a lock gives both. `SharedSocket` is
+that lock, held by the socket's own thread around everything its ZMQStream does
+with the socket, and by any other thread around its send (`sending`).
+
+A send from outside the stream must do one more thing. ZeroMQ tells a stream
+that a message came in through a file descriptor that behaves as
+edge-triggered: a send on the socket may consume the edge, and the stream
+never learns that a request is waiting (ipykernel 7.4 sends even its own
+replies through its stream for this reason; see ``_send_on_shell_channel``).
+So after sending, `sending` looks whether a message is waiting and if so has
+the stream handle it, as the stream itself does after its own sends.
+
+Reaches into pyzmq 27's ``ZMQStream``: ``_handle_events(fd, events)``, the
+handler it registers for its socket with ``add_handler``, and
+``_update_handler(state)``, which re-arms it after a send;
+tests/test_shared_socket.py::test_pyzmq_internals_shared_socket_relies_on fails
+if either moves.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any
+
+import zmq
+
+__all__ = ["DirectSender", "SharedSocket"]
+
+
+class SharedSocket:
+    """`socket`, read (if at all) by `stream` on `io_loop`'s thread; any thread may send once `shared`."""
+
+    def __init__(self, socket: zmq.Socket[Any], io_loop: Any, stream: Any | None = None) -> None:
+        self.socket = socket
+        self._io_loop = io_loop
+        self._stream = stream
+        #: Held by the socket's thread while its stream (or `then`) uses the socket, and by a sender.
+        self.lock = threading.RLock()
+        self._shared = threading.Event()
+        self._pid = os.getpid()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other threads may send now (never in a forked child: the socket is the parent's)."""
+        return self._shared.is_set() and os.getpid() == self._pid
+
+    def share(self, then: Callable[[], None] | None = None) -> None:
+        """From the next turn of the socket's loop on, its stream holds the lock; `then` runs there first.
+
+        Asynchronous, as it must happen on that thread; `wait_shared` waits for it.
+        """
+        self._io_loop.add_callback(self._take_over, then)
+
+    def wait_shared(self, timeout: float) -> bool:
+        return self._shared.wait(timeout)
+
+    @contextmanager
+    def sending(self) -> Iterator[zmq.Socket[Any]]:
+        """The socket, to this thread alone; on leaving, a message that came in meanwhile is not stranded."""
+        with self.lock:
+            try:
+                yield self.socket
+            finally:
+                self._rearm()
+
+    @contextmanager
+    def sending_if_free(self) -> Iterator[zmq.Socket[Any] | None]:
+        """As `sending`, but None at once if another thread has the socket now: nothing waits."""
+        if not self.lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield self.socket
+        finally:
+            try:
+                self._rearm()
+            finally:
+                self.lock.release()
+
+    def send_multipart(self, frames: list[Any], **kwargs: Any) -> None:
+        with self.sending() as socket:
+            socket.send_multipart(frames, **kwargs)
+
+    def _take_over(self, then: Callable[[], None] | None) -> None:
+        """On the socket's thread: the stream's handler and its re-arming take the lock from now on."""
+        stream = self._stream
+        if stream is not None:
+            if stream.closed():
+                return
+            for name in ("_handle_events", "_update_handler"):
+                setattr(stream, name, self._locked(getattr(stream, name)))
+            # The loop calls the handler it was given: give it the locked one.
+            self._io_loop.remove_handler(self.socket)
+            self._io_loop.add_handler(self.socket, stream._handle_events, self._io_loop.READ)
+            stream._update_handler(stream._state)  # what came in before is handled, as always
+        if then is not None:
+            then()
+        self._shared.set()
+
+    def _locked(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(method)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                return method(*args, **kwargs)
+
+        return locked
+
+    def _rearm(self) -> None:
+        """Under the lock, after a send: have the stream read a message its edge may have missed."""
+        if self._stream is None or self.socket.closed:
+            return
+        try:
+            waiting = self.socket.get(zmq.EVENTS) & zmq.POLLIN
+        except zmq.ZMQError:  # closed by its thread at shutdown
+            return
+        if waiting:
+            self._io_loop.add_callback(self._stream._handle_events, self.socket, 0)
+
+
+class DirectSender:
+    """Sends through `shared` once it is shared; until then through `until_shared`, ipykernel's own way."""
+
+    def __init__(self, shared: SharedSocket, until_shared: Any) -> None:
+        self._shared = shared
+        self._until_shared = until_shared
+
+    @contextmanager
+    def sending_if_free(self) -> Iterator[zmq.Socket[Any] | None]:
+        """As `sending`, but None at once if another thread has the socket now: nothing waits."""
+        if not self.lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield self.socket
+        finally:
+            try:
+                self._rearm()
+            finally:
+                self.lock.release()
+
+    def send_multipart(self, frames: list[Any], **kwargs: Any) -> None:
+        if self._shared.shared:
+            self._shared.send_multipart(frames, **kwargs)
+        else:
+            self._until_shared.send_multipart(frames, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._until_shared, name)
