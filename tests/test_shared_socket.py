@@ -187,3 +187,25 @@ def test_pyzmq_internals_shared_socket_relies_on():
     # After each of its own sends the stream re-arms through _update_handler, as `sending` mirrors.
     assert "self._update_handler(self._state)" in inspect.getsource(ZMQStream._add_io_state)
     assert "self._handle_events(self.socket, 0)" in inspect.getsource(ZMQStream._update_handler)
+
+
+def test_frames_other_than_bytes_go_through_pyzmq_and_a_closed_socket_is_not_shared(router):
+    """Buffers (memoryviews, frames) are pyzmq's to send; `close` waits for senders, then shares no more."""
+    loop, stream, client, received, arrived = router
+    shared = SharedSocket(stream.socket, loop.io_loop, stream)
+    shared.share()
+    assert shared.wait_shared(TIMEOUT)
+    client.send_multipart([b"hello"])
+    _wait_for(arrived, received, 1)
+    identity = received[0][0]
+    shared.send_multipart([identity, memoryview(b"a buffer"), zmq.Frame(b"a frame")])
+    assert client.poll(TIMEOUT * 1000) and client.recv_multipart() == [b"a buffer", b"a frame"]
+
+    closed: list[bool] = []
+    with shared.sending():  # a send under way: close waits for it
+        closer = threading.Thread(target=shared.close, args=(lambda: closed.append(True),))
+        closer.start()
+        closer.join(0.05)
+        assert not closed
+    closer.join(TIMEOUT)
+    assert closed == [True] and not shared.shared

@@ -64,6 +64,8 @@ class BatchingIOPubSocket:
         self._shared = SharedSocket(io_thread.socket, io_thread.io_loop, subscriptions)
         if io_thread.thread.is_alive():
             self._shared.share(then=lambda: io_thread._event_puller.on_recv(self._run_scheduled))
+            close = io_thread.close  # at the kernel's exit, while other threads may still send
+            io_thread.close = lambda: self._shared.close(close)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._socket, name)
@@ -104,7 +106,7 @@ class BatchingIOPubSocket:
             with self._shared.sending_if_free() as free:
                 if free is not None and not self._io_thread._events:
                     for args, kwargs in messages:
-                        self._io_thread._really_send(*args, **kwargs)
+                        self._shared.send_held(*args, **kwargs)
                     return
         with self._lock:
             if self._last is not None and self._is_last_scheduled(self._last[0]):

@@ -20,6 +20,15 @@ replies through its stream for this reason; see ``_send_on_shell_channel``).
 So after sending, `sending` looks whether a message is waiting and if so has
 the stream handle it, as the stream itself does after its own sends.
 
+And a send keeps the GIL. pyzmq lets go of it around each frame it hands to
+libzmq, for a send that might block; a Jupyter message is six frames or more,
+and while CPU-bound job threads run, each time a kernel thread lets go of the
+GIL it must then wait for a job to give it back (at least the switch interval).
+A send here cannot block (ZMQ_DONTWAIT; ROUTER and XPUB sockets drop rather
+than wait), so `send_multipart` hands a message of ``bytes`` frames to libzmq's
+own ``zmq_send``, called through ctypes without releasing the GIL, and falls
+back to pyzmq's send for anything else (or if libzmq refuses the first frame).
+
 Reaches into pyzmq 27's ``ZMQStream``: ``_handle_events(fd, events)``, the
 handler it registers for its socket with ``add_handler``, and
 ``_update_handler(state)``, which re-arms it after a send;
@@ -29,6 +38,7 @@ if either moves.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -39,6 +49,22 @@ from typing import Any
 import zmq
 
 __all__ = ["DirectSender", "SharedSocket"]
+
+
+def _libzmq_send() -> Any | None:
+    """libzmq's ``zmq_send`` (the library pyzmq's extension links to), keeping the GIL; None if absent."""
+    try:
+        from zmq.backend.cython import _zmq
+
+        send = ctypes.PyDLL(_zmq.__file__).zmq_send  # PyDLL: the call keeps the GIL
+    except (ImportError, OSError, AttributeError):
+        return None
+    send.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    send.restype = ctypes.c_int
+    return send
+
+
+_zmq_send = _libzmq_send()
 
 
 class SharedSocket:
@@ -92,8 +118,27 @@ class SharedSocket:
                 self.lock.release()
 
     def send_multipart(self, frames: list[Any], **kwargs: Any) -> None:
-        with self.sending() as socket:
-            socket.send_multipart(frames, **kwargs)
+        with self.sending():
+            self.send_held(frames, **kwargs)
+
+    def send_held(self, frames: list[Any], **kwargs: Any) -> None:
+        """Send, keeping the GIL when every frame is ``bytes``; the caller is `sending`."""
+        if _zmq_send is None or self.socket.closed or not all(type(frame) is bytes for frame in frames):
+            self.socket.send_multipart(frames, **kwargs)
+            return
+        handle, last = self.socket.underlying, len(frames) - 1
+        for n, frame in enumerate(frames):
+            if _zmq_send(handle, frame, len(frame), zmq.DONTWAIT | (zmq.SNDMORE if n < last else 0)) < 0:
+                if n == 0:  # nothing queued: pyzmq's send says what is wrong, or waits as ever
+                    self.socket.send_multipart(frames, **kwargs)
+                    return
+                raise zmq.ZMQError()  # libzmq's errno; ZeroMQ takes all of a message or none of it
+
+    def close(self, close_socket: Callable[[], None]) -> None:
+        """`close_socket` once no thread is sending, and share no more: no send meets a closed socket."""
+        with self.lock:
+            self._shared.clear()
+            close_socket()
 
     def _take_over(self, then: Callable[[], None] | None) -> None:
         """On the socket's thread: the stream's handler and its re-arming take the lock from now on."""
@@ -137,20 +182,6 @@ class DirectSender:
     def __init__(self, shared: SharedSocket, until_shared: Any) -> None:
         self._shared = shared
         self._until_shared = until_shared
-
-    @contextmanager
-    def sending_if_free(self) -> Iterator[zmq.Socket[Any] | None]:
-        """As `sending`, but None at once if another thread has the socket now: nothing waits."""
-        if not self.lock.acquire(blocking=False):
-            yield None
-            return
-        try:
-            yield self.socket
-        finally:
-            try:
-                self._rearm()
-            finally:
-                self.lock.release()
 
     def send_multipart(self, frames: list[Any], **kwargs: Any) -> None:
         if self._shared.shared:
