@@ -16,7 +16,8 @@ import inspect
 import marshal
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from types import CodeType, TracebackType
 from typing import Any
 
@@ -40,10 +41,21 @@ class CompiledCell:
     body: CodeType | None
     last_expr: CodeType | None
     is_async: bool
-    #: Names a top-level statement of the cell binds (assignments, imports, def, class, for).
-    assigned: list[str] = field(default_factory=list)
-    #: Names the cell reads before (or without) binding them: what it needs from the namespace.
-    free: list[str] = field(default_factory=list)
+
+    @cached_property
+    def assigned(self) -> list[str]:
+        """Names a top-level statement of the cell binds (assignments, imports, def, class, for).
+
+        Worked out when first asked (a process job sends them back; most cells never
+        need them), from `source`, as are `free`.
+        """
+        module, _ = _split_last_expression(ast.parse(self.source))
+        return assigned_names(module)
+
+    @cached_property
+    def free(self) -> list[str]:
+        """Names the cell reads before (or without) binding them: what it needs from the namespace."""
+        return free_names(ast.parse(self.source))
 
     def __getstate__(self) -> dict[str, Any]:
         """Ship the code objects as `marshal` bytes, which keep their file name.
@@ -274,15 +286,8 @@ def compile_source(source: str, filename: str, flags: int = 0) -> CompiledCell:
     their tests run what this returns. Top-level ``await`` is allowed, and the
     last expression is kept apart, so its value is the cell's value.
     """
-    module = ast.parse(source, filename=filename)
+    module, last = _split_last_expression(ast.parse(source, filename=filename))
     flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    last: ast.expr | None = None
-    if module.body and isinstance(module.body[-1], ast.Expr):
-        last = module.body.pop().value  # type: ignore[attr-defined]
-    assigned = assigned_names(module)
-    free = free_names(
-        ast.Module(body=[*module.body, *([ast.Expr(last)] if last is not None else [])], type_ignores=[])
-    )
 
     def build(node: ast.mod, mode: str) -> CodeType:
         return compile(node, filename, mode, flags=flags, dont_inherit=True)
@@ -290,7 +295,14 @@ def compile_source(source: str, filename: str, flags: int = 0) -> CompiledCell:
     body = build(module, "exec") if module.body else None
     last_expr = build(ast.Expression(last), "eval") if last is not None else None
     is_async = any(code.co_flags & inspect.CO_COROUTINE for code in (body, last_expr) if code is not None)
-    return CompiledCell(source, filename, body, last_expr, is_async, assigned, free)
+    return CompiledCell(source, filename, body, last_expr, is_async)
+
+
+def _split_last_expression(module: ast.Module) -> tuple[ast.Module, ast.expr | None]:
+    """The module without its last statement if that is an expression, and that expression."""
+    if module.body and isinstance(module.body[-1], ast.Expr):
+        return module, module.body.pop().value  # type: ignore[attr-defined]
+    return module, None
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
