@@ -166,6 +166,9 @@ def test_a_message_with_nothing_queued_ahead_is_sent_by_its_own_thread_and_one_b
                 break
         while sub.poll(100):
             sub.recv_multipart()
+        drained = threading.Event()  # a probe that found the socket busy was queued: now it has run
+        io_thread.schedule(drained.set)
+        assert drained.wait(10)
 
         hold, holding = threading.Event(), threading.Event()
         io_thread.io_loop.add_callback(lambda: (holding.set(), hold.wait(10)))
@@ -180,6 +183,10 @@ def test_a_message_with_nothing_queued_ahead_is_sent_by_its_own_thread_and_one_b
         for expected in (b"queued", b"behind it"):
             assert sub.poll(10_000)
             assert sub.recv_multipart() == [expected]
+
+        io_thread.stop()  # its loop closes the socket as the thread ends: no thread sends on it after
+        assert xpub.closed and not batching._shared.shared
+        batching.send_multipart([b"after the end"])  # queued, as ipykernel does once its thread is gone
     finally:
         io_thread.stop()
         io_thread.close()

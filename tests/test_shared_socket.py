@@ -115,7 +115,7 @@ def test_a_request_arriving_while_another_thread_sends_is_not_stranded(router):
         with shared.lock:
             while not stream.socket.poll(10):
                 pass
-        shared.send_multipart([identity, b"reply %d" % n])
+        assert shared.send_if_shared([identity, b"reply %d" % n])
         hold.set()
         _wait_for(arrived, received, n + 2)
         assert received[n + 1] == [identity, b"request %d" % n]
@@ -138,7 +138,7 @@ def test_many_threads_send_while_the_stream_reads_and_sends(router):
         for i in range(per_sender):
             if i % 10 == 0:  # the stream's own thread sends too, through the stream
                 loop.io_loop.add_callback(stream.send_multipart, [identity, b"stream", b"%d" % i])
-            shared.send_multipart([identity, name, b"%d" % i])
+            assert shared.send_if_shared([identity, name, b"%d" % i])
 
     threads = [threading.Thread(target=send, args=(b"t%d" % k,)) for k in range(senders)]
     for thread in threads:
@@ -198,7 +198,7 @@ def test_frames_other_than_bytes_go_through_pyzmq_and_a_closed_socket_is_not_sha
     client.send_multipart([b"hello"])
     _wait_for(arrived, received, 1)
     identity = received[0][0]
-    shared.send_multipart([identity, memoryview(b"a buffer"), zmq.Frame(b"a frame")])
+    assert shared.send_if_shared([identity, memoryview(b"a buffer"), zmq.Frame(b"a frame")])
     assert client.poll(TIMEOUT * 1000) and client.recv_multipart() == [b"a buffer", b"a frame"]
 
     closed: list[bool] = []
@@ -209,3 +209,4 @@ def test_frames_other_than_bytes_go_through_pyzmq_and_a_closed_socket_is_not_sha
         assert not closed
     closer.join(TIMEOUT)
     assert closed == [True] and not shared.shared
+    assert not shared.send_if_shared([identity, b"after the close"])  # nothing sent on a closed socket

@@ -64,7 +64,9 @@ class BatchingIOPubSocket:
         self._shared = SharedSocket(io_thread.socket, io_thread.io_loop, subscriptions)
         if io_thread.thread.is_alive():
             self._shared.share(then=lambda: io_thread._event_puller.on_recv(self._run_scheduled))
-            close = io_thread.close  # at the kernel's exit, while other threads may still send
+            # At the kernel's exit other threads may still send: the IOPub thread's loop closes the
+            # socket as the thread ends (through `SharedSocket`), and the kernel app closes it again.
+            close = io_thread.close
             io_thread.close = lambda: self._shared.close(close)
 
     def __getattr__(self, name: str) -> Any:

@@ -39,6 +39,7 @@ if either moves.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -56,7 +57,7 @@ def _libzmq_send() -> Any | None:
     try:
         from zmq.backend.cython import _zmq
 
-        send = ctypes.PyDLL(_zmq.__file__).zmq_send  # PyDLL: the call keeps the GIL
+        send = ctypes.PyDLL(_zmq.__file__, use_errno=True).zmq_send  # PyDLL: the call keeps the GIL
     except (ImportError, OSError, AttributeError):
         return None
     send.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
@@ -105,56 +106,66 @@ class SharedSocket:
 
     @contextmanager
     def sending_if_free(self) -> Iterator[zmq.Socket[Any] | None]:
-        """As `sending`, but None at once if another thread has the socket now: nothing waits."""
+        """As `sending`, but None at once if another thread has the socket now, or it is no longer shared."""
         if not self.lock.acquire(blocking=False):
             yield None
             return
         try:
-            yield self.socket
+            yield self.socket if self.shared else None
         finally:
             try:
                 self._rearm()
             finally:
                 self.lock.release()
 
-    def send_multipart(self, frames: list[Any], **kwargs: Any) -> None:
+    def send_if_shared(self, frames: list[Any], **kwargs: Any) -> bool:
+        """Send from this thread and return True; False, sending nothing, if the socket is not shared."""
         with self.sending():
+            if not self.shared:  # stopped sharing while this thread waited for the lock
+                return False
             self.send_held(frames, **kwargs)
+            return True
 
     def send_held(self, frames: list[Any], **kwargs: Any) -> None:
         """Send, keeping the GIL when every frame is ``bytes``; the caller is `sending`."""
-        if _zmq_send is None or self.socket.closed or not all(type(frame) is bytes for frame in frames):
+        if _zmq_send is None or not all(type(frame) is bytes for frame in frames):
             self.socket.send_multipart(frames, **kwargs)
             return
         handle, last = self.socket.underlying, len(frames) - 1
         for n, frame in enumerate(frames):
-            if _zmq_send(handle, frame, len(frame), zmq.DONTWAIT | (zmq.SNDMORE if n < last else 0)) < 0:
+            flags = zmq.DONTWAIT | (zmq.SNDMORE if n < last else 0)
+            while _zmq_send(handle, frame, len(frame), flags) < 0:
+                error = ctypes.get_errno()
+                if error == errno.EINTR:
+                    continue
                 if n == 0:  # nothing queued: pyzmq's send says what is wrong, or waits as ever
                     self.socket.send_multipart(frames, **kwargs)
                     return
-                raise zmq.ZMQError()  # libzmq's errno; ZeroMQ takes all of a message or none of it
+                raise zmq.ZMQError(error)  # past the first frame ZeroMQ takes the rest, or the socket is gone
 
     def close(self, close_socket: Callable[[], None]) -> None:
-        """`close_socket` once no thread is sending, and share no more: no send meets a closed socket."""
+        """`close_socket` once no other thread is sending, and share no more: no send meets it closed."""
         with self.lock:
             self._shared.clear()
             close_socket()
 
     def _take_over(self, then: Callable[[], None] | None) -> None:
         """On the socket's thread: the stream's handler and its re-arming take the lock from now on."""
-        stream = self._stream
-        if stream is not None:
-            if stream.closed():
-                return
-            for name in ("_handle_events", "_update_handler"):
-                setattr(stream, name, self._locked(getattr(stream, name)))
-            # The loop calls the handler it was given: give it the locked one.
-            self._io_loop.remove_handler(self.socket)
-            self._io_loop.add_handler(self.socket, stream._handle_events, self._io_loop.READ)
-            stream._update_handler(stream._state)  # what came in before is handled, as always
-        if then is not None:
-            then()
-        self._shared.set()
+        with self.lock:
+            stream = self._stream
+            if stream is not None:
+                if stream.closed():
+                    return
+                for name in ("_handle_events", "_update_handler"):
+                    setattr(stream, name, self._locked(getattr(stream, name)))
+                # The loop calls the handler it was given, so it gets the locked one; and it
+                # closes what it was given when it closes (the IOPub thread's, as it ends).
+                self._io_loop.remove_handler(self.socket)
+                self._io_loop.add_handler(_Registration(self), stream._handle_events, self._io_loop.READ)
+                stream._update_handler(stream._state)  # what came in before is handled, as always
+            if then is not None:
+                then()
+            self._shared.set()
 
     def _locked(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(method)
@@ -176,6 +187,19 @@ class SharedSocket:
             self._io_loop.add_callback(self._stream._handle_events, self.socket, 0)
 
 
+class _Registration:
+    """What the socket's loop holds for it: the socket's descriptor, and a close that waits for senders."""
+
+    def __init__(self, shared: SharedSocket) -> None:
+        self._shared = shared
+
+    def fileno(self) -> int:
+        return int(self._shared.socket.fileno())
+
+    def close(self) -> None:
+        self._shared.close(self._shared.socket.close)
+
+
 class DirectSender:
     """Sends through `shared` once it is shared; until then through `until_shared`, ipykernel's own way."""
 
@@ -184,9 +208,7 @@ class DirectSender:
         self._until_shared = until_shared
 
     def send_multipart(self, frames: list[Any], **kwargs: Any) -> None:
-        if self._shared.shared:
-            self._shared.send_multipart(frames, **kwargs)
-        else:
+        if not (self._shared.shared and self._shared.send_if_shared(frames, **kwargs)):
             self._until_shared.send_multipart(frames, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
