@@ -85,6 +85,17 @@ def _hold_still(holding: threading.Event, hold: threading.Event) -> None:
     hold.wait(TIMEOUT)
 
 
+def _shared_after_hello(router: Any) -> tuple[SharedSocket, bytes]:
+    """The stream's socket, shared, and the identity of the client, which has sent one message."""
+    loop, stream, client, received, arrived = router
+    shared = SharedSocket(stream.socket, loop.io_loop, stream)
+    shared.share()
+    assert shared.wait_shared(TIMEOUT)
+    client.send_multipart([b"hello"])
+    _wait_for(arrived, received, 1)
+    return shared, received[0][0]
+
+
 def _wait_for(arrived: threading.Condition, received: list[Any], count: int) -> None:
     with arrived:
         assert arrived.wait_for(lambda: len(received) >= count, TIMEOUT), f"{len(received)} of {count} came"
@@ -98,12 +109,7 @@ def test_a_request_arriving_while_another_thread_sends_is_not_stranded(router):
     `SharedSocket.sending`, the stream would never read the request.
     """
     loop, stream, client, received, arrived = router
-    shared = SharedSocket(stream.socket, loop.io_loop, stream)
-    shared.share()
-    assert shared.wait_shared(TIMEOUT)
-    client.send_multipart([b"hello"])
-    _wait_for(arrived, received, 1)
-    identity = received[0][0]
+    shared, identity = _shared_after_hello(router)
 
     for n in range(20):
         hold, holding = threading.Event(), threading.Event()
@@ -126,12 +132,7 @@ def test_a_request_arriving_while_another_thread_sends_is_not_stranded(router):
 def test_many_threads_send_while_the_stream_reads_and_sends(router):
     """Every message arrives, in each sender's order, whichever thread sent it."""
     loop, stream, client, received, arrived = router
-    shared = SharedSocket(stream.socket, loop.io_loop, stream)
-    shared.share()
-    assert shared.wait_shared(TIMEOUT)
-    client.send_multipart([b"hello"])
-    _wait_for(arrived, received, 1)
-    identity = received[0][0]
+    shared, identity = _shared_after_hello(router)
     per_sender, senders = 300, 4
 
     def send(name: bytes) -> None:
@@ -191,13 +192,8 @@ def test_pyzmq_internals_shared_socket_relies_on():
 
 def test_frames_other_than_bytes_go_through_pyzmq_and_a_closed_socket_is_not_shared(router):
     """Buffers (memoryviews, frames) are pyzmq's to send; `close` waits for senders, then shares no more."""
-    loop, stream, client, received, arrived = router
-    shared = SharedSocket(stream.socket, loop.io_loop, stream)
-    shared.share()
-    assert shared.wait_shared(TIMEOUT)
-    client.send_multipart([b"hello"])
-    _wait_for(arrived, received, 1)
-    identity = received[0][0]
+    client = router[2]
+    shared, identity = _shared_after_hello(router)
     assert shared.send_if_shared([identity, memoryview(b"a buffer"), zmq.Frame(b"a frame")])
     assert client.poll(TIMEOUT * 1000) and client.recv_multipart() == [b"a buffer", b"a frame"]
 
