@@ -1,9 +1,10 @@
 """The ipykernel internals the polycell kernel relies on, in one place.
 
 `PolycellKernel` (kernel.py) derives from `Ipykernel74`, which names every
-private part of ipykernel it uses and wraps the few it calls into helpers of
-its own. tests/test_kernel.py::test_ipykernel_internals_polycell_relies_on
-fails if any of them moves.
+private part of ipykernel's kernel it uses and wraps the few it calls into
+helpers of its own (those of ipykernel's IOPub thread are in iopub_batch.py).
+tests/test_kernel.py::test_ipykernel_internals_polycell_relies_on fails if any
+of them moves.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ shell messages while it does: starting a job, which for ``--mode dask`` may
 mean connecting to the cluster and cloudpickling the cell's inputs. ``%job kill``
 waits for the job in a thread of its own.
 
-All reaching into ipykernel internals is in `Ipykernel74` (ipykernel_internals.py).
+All reaching into ipykernel internals is in `Ipykernel74` (ipykernel_internals.py), and
+for ipykernel's IOPub thread in `BatchingIOPubSocket` (iopub_batch.py).
 """
 
 from __future__ import annotations
