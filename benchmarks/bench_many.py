@@ -49,6 +49,29 @@ def _wrong_cells(session: KernelSession, sent: dict[str, int]) -> int:
     return sum(text[msg_id] != f"{n}\n" for msg_id, n in sent.items())
 
 
+def _wait_for_ended_handles(session: KernelSession, sent: dict[str, int], timeout: float = 60) -> None:
+    """Until each cell's job handle says the job ended: polycell sends that after the job's last output.
+
+    A later cell's idle is no such mark: the publisher sends a job's output in batches, on a
+    thread of its own, and may send its last one after a cell that ran meanwhile went idle.
+    """
+    deadline = time.monotonic() + timeout
+    waiting = set(sent)
+    seen = 0
+    with session._cond:
+        while waiting:
+            for msg in session.messages[seen:]:
+                status = msg.get("metadata", {}).get("polycell", {}).get("status")
+                if msg["msg_type"] == "update_display_data" and status in ("done", "failed", "killed"):
+                    waiting.discard(msg["parent_header"].get("msg_id"))
+            seen = len(session.messages)
+            remaining = deadline - time.monotonic()
+            if waiting and remaining <= 0:
+                raise RuntimeError(f"{len(waiting)} job handles never said that their job ended")
+            if waiting:
+                session._cond.wait(remaining)
+
+
 def _polycell() -> Row:
     session = KernelSession(POLYCELL_KERNEL, load_ext=False)
     try:
@@ -63,7 +86,7 @@ def _polycell() -> Row:
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
         statuses = session.eval("sorted({j.status.value for j in jobs})")
-        session.run("1")  # every job's output was published before this cell's idle
+        _wait_for_ended_handles(session, sent)
         wrong = _wrong_cells(session, sent)
     finally:
         session.close()
