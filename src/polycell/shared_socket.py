@@ -25,7 +25,7 @@ libzmq, for a send that might block; a Jupyter message is six frames or more,
 and while CPU-bound job threads run, each time a kernel thread lets go of the
 GIL it must then wait for a job to give it back (at least the switch interval).
 A send here cannot block (ZMQ_DONTWAIT; ROUTER and XPUB sockets drop rather
-than wait), so `send_multipart` hands a message of ``bytes`` frames to libzmq's
+than wait), so `send_held` hands a message of ``bytes`` frames to libzmq's
 own ``zmq_send``, called through ctypes without releasing the GIL, and falls
 back to pyzmq's send for anything else (or if libzmq refuses the first frame).
 
