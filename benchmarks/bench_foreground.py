@@ -9,13 +9,19 @@ Measured side by side in one run:
 - async-kernel, idle and while 2 ``# thread`` cells run the same loop;
 - stock ipykernel (no polycell), idle, for reference;
 - stock ipykernel where the same CPU work runs as 2 foreground cells: the trivial
-  cell sent after them is blocked until they end (time until its reply).
+  cell sent after them is blocked until they end (time until its reply);
+- stock ipykernel (no polycell), worst of 5 medians against its idle: while 2 plain
+  threads started by hand run the same loop, with polycell's switch interval (what a
+  kernel gets from the GIL without polycell's sends that keep it), and while 2
+  processes that are not the kernel's run it: what this machine leaves any kernel,
+  the process rows' floor (a bar below it cannot be met here).
 
 Round trip = execute_request sent -> execute_reply and idle status received.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
@@ -28,6 +34,7 @@ from harness import (
     stock_kernel_argv,
     wait_running,
 )
+from polycell.thread import BUSY_SWITCH_INTERVAL
 
 BENCH = "foreground round trip"
 SAMPLES = 50
@@ -157,12 +164,57 @@ def _stock(rows: list[Row]) -> None:
         session.close()
 
 
+def _stock_under_load(rows: list[Row]) -> None:
+    """What the GIL and the machine leave a kernel that runs nothing of polycell's."""
+    session = KernelSession(stock_kernel_argv(), load_ext=False)
+    try:
+        session.run(SETUP)
+        median_round_trip(session, "1", n=10)
+        idle = median_round_trip(session, "1", n=SAMPLES)
+        session.run(
+            f"import sys; sys.setswitchinterval({BUSY_SWITCH_INTERVAL})\n"
+            f"_bench_threads = [threading.Thread(target=_bench_cpu, daemon=True) for _ in range({JOBS})]\n"
+            "for _t in _bench_threads: _t.start()"
+        )
+        medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
+        session.run("_bench_stop.set()\nfor _t in _bench_threads: _t.join()\n_bench_stop.clear()")
+        rows.append(_loaded_row(f"stock ipykernel, {JOBS} plain threads", idle, medians))
+
+        idle = median_round_trip(session, "1", n=SAMPLES)
+        loop = SETUP + "\n_bench_cpu()"
+        hogs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(JOBS)]
+        try:
+            medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+        rows.append(_loaded_row(f"floor: stock ipykernel, {JOBS} processes not its own", idle, medians))
+    finally:
+        session.close()
+
+
+def _loaded_row(subject: str, idle: float, medians: list[float]) -> Row:
+    return Row(
+        BENCH,
+        subject,
+        _ms(max(medians)),
+        "ms",
+        extra={
+            "ratio": round(max(medians) / idle, 2),
+            "idle_ms": round(_ms(idle), 3),
+            "medians_ms": [round(_ms(m), 2) for m in medians],
+        },
+    )
+
+
 def run() -> list[Row]:
     rows: list[Row] = []
     _polycell(rows, "polycell kernel", POLYCELL_KERNEL, load_ext=False)
     _polycell(rows, "ipykernel + polycell ext", stock_kernel_argv(), load_ext=True)
     _async_kernel(rows)
     _stock(rows)
+    _stock_under_load(rows)
     return rows
 
 
