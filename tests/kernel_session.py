@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ class KernelSession:
         self.messages: list[Msg] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._reading = threading.Event()
+        self._reading.set()
         self._reader = threading.Thread(target=self._read_iopub, name="test-iopub-reader", daemon=True)
         self._reader.start()
         if load_ext:
@@ -91,6 +94,8 @@ class KernelSession:
 
     def _read_iopub(self) -> None:
         while not self._stop.is_set():
+            if not self._reading.wait(0.1):
+                continue
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.1)
             except queue.Empty:
@@ -101,6 +106,15 @@ class KernelSession:
             with self._cond:
                 self.messages.append(msg)
                 self._cond.notify_all()
+
+    @contextmanager
+    def not_reading(self) -> Iterator[None]:
+        """Leave iopub messages unread meanwhile, as a client that falls behind does."""
+        self._reading.clear()
+        try:
+            yield
+        finally:
+            self._reading.set()
 
     # -- executing --------------------------------------------------------------------
 

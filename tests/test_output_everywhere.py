@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -233,3 +235,39 @@ def test_unload_ext_puts_back_what_polycell_replaced(kernel: KernelSession) -> N
     replaced += "type(_pylab_helpers.Gcf.figs).__name__)"
     builtin = "builtin_function_or_method"
     assert kernel.eval(replaced) == (builtin, builtin, "subprocess", "OrderedDict")
+
+
+def test_a_client_that_falls_behind_still_gets_every_message(
+    any_kernel: KernelSession, tmp_path: Path
+) -> None:
+    """A burst of output sent while the client reads nothing arrives whole, in order, once it reads.
+
+    Not a job's only: any output. ZeroMQ's iopub socket drops what a subscriber's full
+    queue cannot take unless told to wait (`polycell.iopub.keep_every_message`).
+    20,000 messages are far more than ZeroMQ's queues and the network buffers between
+    kernel and client hold, so without the wait most of them are dropped.
+    """
+    n, sent = 20_000, tmp_path / "sent"
+    with any_kernel.not_reading():
+        msg_id = any_kernel.execute(
+            "import sys\nfrom IPython.display import display\n"
+            f"for i in range({n}):\n    display(i)\n"
+            "sys.stdout.flush()\n"  # waits for the IOPub thread to send what was queued before it
+            f"open({str(sent)!r}, 'w').close()"
+        )
+        # Until the kernel says all was sent (dropped, if nothing made it wait), or it has been
+        # held back a while: either way, far more than every queue holds is now on its way.
+        deadline = time.monotonic() + 5
+        while not sent.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert any_kernel.reply(msg_id, timeout=120)["content"]["status"] == "ok"
+    try:
+        any_kernel.wait_idle(msg_id, timeout=30)
+        idle = True
+    except TimeoutError:
+        idle = False
+    shown = [m["content"]["data"]["text/plain"] for m in any_kernel.outputs(msg_id)]
+    assert len(shown) == n and idle, (
+        f"{n - len(shown)} of {n} displays lost; idle status {'came' if idle else 'lost'}"
+    )
+    assert shown == [str(i) for i in range(n)]

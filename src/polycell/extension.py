@@ -21,7 +21,7 @@ from polycell.cell import CellWork, CompiledCell, compile_cell
 from polycell.control import ControlHandler
 from polycell.history_pacing import paced_history
 from polycell.interrupts import BackgroundThread, InterruptWaker
-from polycell.iopub import IOPubPublisher
+from polycell.iopub import IOPubPublisher, keep_every_message
 from polycell.job import Job, JobError, JobState, one_line
 from polycell.job_figures import install_job_figures, remove_job_figures, show_open_figures
 from polycell.job_table import JobTable, jobs
@@ -93,6 +93,7 @@ class Polycell:
     def start(self) -> None:
         from polycell.magics import PolycellMagics
 
+        keep_every_message(self.kernel)  # output a client falls behind on arrives late, not never
         self.router.install()
         install_program_capture()  # subprocess and os.system output of a job to its cell
         install_job_figures()  # a job's matplotlib figures in its cell only

@@ -26,12 +26,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
 from polycell.interrupts import BackgroundThread
 from polycell.job import Job
 from polycell.journal import Record, StreamRun, Subscription
 from polycell.stream_text import StreamText
 
-__all__ = ["IOPubPublisher"]
+__all__ = ["IOPubPublisher", "keep_every_message"]
 
 _STOP = object()
 #: The shortest time between two batches of messages (ipykernel's own streams flush every 0.2 s).
@@ -200,6 +202,33 @@ class IOPubPublisher:
             )
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop all output
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)
+
+
+def keep_every_message(kernel: Any) -> bool:
+    """Have the kernel's iopub socket wait for a client that falls behind, instead of dropping.
+
+    ZeroMQ's XPUB socket, ipykernel's iopub, drops a message for a subscriber whose
+    queue is full (1,000 messages) and reports it sent: a client that falls behind
+    for a moment (a busy Jupyter server, a slow machine) then misses output, with
+    no sign, while a burst of it goes out (20,000 ``display`` calls, a flood of
+    ``%%bg`` cells). With ``XPUB_NODROP`` the sender waits for that client instead,
+    and the output arrives late but whole. Kept after ``%unload_ext polycell``.
+
+    Set on the IOPub thread, the socket's own (a ZeroMQ socket is not thread-safe;
+    the polycell kernel's other senders take it only while that thread lets them).
+    False when the kernel has no XPUB iopub socket to set.
+    """
+    io_thread = getattr(kernel, "iopub_thread", None)
+    socket = getattr(io_thread, "socket", None)
+    if socket is None or not hasattr(io_thread, "schedule"):
+        return False
+
+    def wait_for_subscribers() -> None:
+        if not socket.closed and socket.type == zmq.XPUB:
+            socket.setsockopt(zmq.XPUB_NODROP, 1)
+
+    io_thread.schedule(wait_for_subscribers)
+    return True
 
 
 def _position_mark(position: int | None) -> dict[str, int]:
