@@ -52,6 +52,40 @@ def test_with_no_request_answered_the_write_still_waits_for_its_batch() -> None:
     assert not waiter.is_alive()
 
 
+class _CountedCondition(threading.Condition):
+    def __init__(self) -> None:
+        super().__init__(threading.Lock())
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def test_requests_answered_within_the_batch_do_not_wake_the_history_thread() -> None:
+    """Under CPU-bound thread jobs each wake-up takes a turn of the GIL from the kernel's answer."""
+    thread = _Thread()
+    flag = PacedSaveFlag(thread, batch_seconds=60, max_delay=60)  # type: ignore[arg-type]
+    flag._changed = counted = _CountedCondition()
+    waiter = _waiter(flag)
+    flag.set()
+    deadline = time.monotonic() + 10
+    while not counted.waits and time.monotonic() < deadline:  # until it waits for its batch
+        time.sleep(0.001)
+    for _ in range(3):
+        with flag.answering():
+            pass
+        # Time for a wake-up to show, were there one (there is none to wait for).
+        deadline = time.monotonic() + 0.2
+        while counted.waits == 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    thread._stop_now = True
+    flag.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert counted.waits == 1, f"woken {counted.waits - 1} times by requests that ended within its batch"
+
+
 def test_a_long_request_holds_the_history_write_back_only_up_to_max_delay() -> None:
     flag = PacedSaveFlag(_Thread(), batch_seconds=0, max_delay=0.05)  # type: ignore[arg-type]
     with flag.answering():

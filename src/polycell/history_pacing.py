@@ -46,6 +46,8 @@ class PacedSaveFlag(threading.Event):
         self.max_delay = max_delay
         self._thread = thread
         self._answering = 0
+        #: The thread waits for the requests being answered to end; only then is it woken for it.
+        self._awaiting_answers = False
         self._changed = threading.Condition(threading.Lock())
 
     @contextmanager
@@ -58,7 +60,7 @@ class PacedSaveFlag(threading.Event):
         finally:
             with self._changed:
                 self._answering -= 1
-                if not self._answering:
+                if not self._answering and self._awaiting_answers:
                     self._changed.notify_all()
 
     def set(self) -> None:
@@ -74,10 +76,19 @@ class PacedSaveFlag(threading.Event):
         now = time.monotonic()
         batched, latest = now + self.batch_seconds, now + self.max_delay
         with self._changed:
+            # Woken only when it may write: within the batch, a request that ends wakes nothing
+            # (under CPU-bound thread jobs every wake-up is a turn of the GIL taken from the kernel).
             while not self._stopping() and now < latest:
-                if not self._answering and now >= batched:
+                if now < batched:
+                    self._changed.wait(batched - now)
+                elif self._answering:
+                    self._awaiting_answers = True
+                    try:
+                        self._changed.wait(latest - now)
+                    finally:
+                        self._awaiting_answers = False
+                else:
                     break
-                self._changed.wait((latest if self._answering else batched) - now)
                 now = time.monotonic()
         return True
 
