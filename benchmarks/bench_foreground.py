@@ -5,12 +5,13 @@ Measured side by side in one run:
 - the polycell kernel, and stock ipykernel with the polycell extension, idle: median
   round trip of a trivial cell; then while 2 CPU-bound ``%%bg`` jobs (busy loops) run,
   in thread mode (threads share the GIL: bar <= 3x idle) and in process mode (each
-  job on its own core: bar <= 1.2x idle), the worst of 5 medians;
+  job on its own core: bar <= 1.2x idle), the worst of 5 rounds, each a median
+  idle and then a median under 2 fresh jobs (`_rounds`);
 - async-kernel, idle and while 2 ``# thread`` cells run the same loop;
 - stock ipykernel (no polycell), idle, for reference;
 - stock ipykernel where the same CPU work runs as 2 foreground cells: the trivial
   cell sent after them is blocked until they end (time until its reply);
-- stock ipykernel (no polycell), worst of 5 medians against its idle: while 2 plain
+- stock ipykernel (no polycell), worst of 5 rounds as above: while 2 plain
   threads started by hand run the same loop, with polycell's switch interval (what a
   kernel gets from the GIL without polycell's sends that keep it), and while 2
   processes that are not the kernel's run it: what this machine leaves any kernel,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from harness import (
     POLYCELL_KERNEL,
@@ -63,35 +65,64 @@ ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_fil
 BARS = {"thread": 3.0, "process": 1.2}
 
 
-def _under_load(session: KernelSession, label: str, idle: float, mode: str, rows: list[Row]) -> None:
-    """The round trip while JOBS busy ``%%bg --mode MODE`` jobs run, against `idle`."""
-    first = session.eval("len(jobs)") + 1
-    for _ in range(JOBS):
-        session.run(f"%%bg --mode {mode} --name busy\n_bench_cpu()")
-    wait_running(session, range(first, first + JOBS))
-    # Responsive in every run, not in a good one: the worst of ROUNDS medians is the figure.
-    medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
-    busy = max(medians)
-    for job_id in range(first, first + JOBS):
-        session.run(f"%job kill {job_id}")
-        session.wait_job_end(job_id, timeout=60)
-    ratio = busy / idle
-    bar = BARS[mode]
-    rows.append(
-        Row(
-            BENCH,
-            f"{JOBS} {mode} jobs, {label}",
-            _ms(busy),
-            "ms",
-            f"<= {bar:g}x idle, worst of {ROUNDS}",
-            ratio <= bar,
-            {
-                "ratio": round(ratio, 2),
-                "idle_ms": round(_ms(idle), 3),
-                "medians_ms": [round(_ms(m), 2) for m in medians],
-            },
-        )
+def _rounds(
+    session: KernelSession, start: Callable[[], object], stop: Callable[[], object]
+) -> tuple[list[float], list[float]]:
+    """ROUNDS pairs of median round trips: idle, then under the load `start` starts (and `stop` ends).
+
+    Responsive in every run, not in a good one: the worst round is the figure. Each round's
+    idle is measured next to its load, as this machine's speed drifts from minute to minute
+    by more than the bars allow.
+    """
+    idles, loaded = [], []
+    for _ in range(ROUNDS):
+        idles.append(median_round_trip(session, "1", n=SAMPLES))
+        start()
+        try:
+            loaded.append(median_round_trip(session, "1", n=SAMPLES))
+        finally:
+            stop()
+    return idles, loaded
+
+
+def _worst_round(subject: str, idles: list[float], loaded: list[float], bar: float | None = None) -> Row:
+    ratios = [busy / idle for busy, idle in zip(loaded, idles, strict=True)]
+    worst = max(range(len(ratios)), key=ratios.__getitem__)
+    return Row(
+        BENCH,
+        subject,
+        _ms(loaded[worst]),
+        "ms",
+        f"<= {bar:g}x idle, worst of {ROUNDS}" if bar is not None else "",
+        ratios[worst] <= bar if bar is not None else None,
+        {
+            "ratio": round(ratios[worst], 2),
+            "idle_ms": round(_ms(idles[worst]), 3),
+            "ratios": [round(r, 2) for r in ratios],
+            "medians_ms": [round(_ms(m), 2) for m in loaded],
+            "idle_medians_ms": [round(_ms(i), 2) for i in idles],
+        },
     )
+
+
+def _under_load(session: KernelSession, label: str, mode: str, rows: list[Row]) -> None:
+    """The round trip while JOBS busy ``%%bg --mode MODE`` jobs run, against idle (`_rounds`)."""
+    started: list[int] = []
+
+    def start() -> None:
+        first = session.eval("len(jobs)") + 1
+        for _ in range(JOBS):
+            session.run(f"%%bg --mode {mode} --name busy\n_bench_cpu()")
+        started[:] = range(first, first + JOBS)
+        wait_running(session, started)
+
+    def stop() -> None:
+        for job_id in started:
+            session.run(f"%job kill {job_id}")
+            session.wait_job_end(job_id, timeout=60)
+
+    idles, loaded = _rounds(session, start, stop)
+    rows.append(_worst_round(f"{JOBS} {mode} jobs, {label}", idles, loaded, BARS[mode]))
 
 
 def _polycell(rows: list[Row], label: str, argv: list[str], load_ext: bool) -> None:
@@ -102,7 +133,7 @@ def _polycell(rows: list[Row], label: str, argv: list[str], load_ext: bool) -> N
         idle = median_round_trip(session, "1", n=SAMPLES)
         rows.append(Row(BENCH, f"idle, {label}", _ms(idle), "ms"))
         for mode in ("thread", "process"):
-            _under_load(session, label, idle, mode, rows)
+            _under_load(session, label, mode, rows)
     finally:
         session.close()
 
@@ -165,47 +196,37 @@ def _stock(rows: list[Row]) -> None:
 
 
 def _stock_under_load(rows: list[Row]) -> None:
-    """What the GIL and the machine leave a kernel that runs nothing of polycell's."""
+    """What the GIL and the machine leave a kernel that runs nothing of polycell's (`_rounds`)."""
     session = KernelSession(stock_kernel_argv(), load_ext=False)
     try:
         session.run(SETUP)
         median_round_trip(session, "1", n=10)
-        idle = median_round_trip(session, "1", n=SAMPLES)
-        session.run(
-            f"import sys; sys.setswitchinterval({BUSY_SWITCH_INTERVAL})\n"
+        session.run(f"import sys; sys.setswitchinterval({BUSY_SWITCH_INTERVAL})")
+        start_threads = (
             f"_bench_threads = [threading.Thread(target=_bench_cpu, daemon=True) for _ in range({JOBS})]\n"
             "for _t in _bench_threads: _t.start()"
         )
-        medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
-        session.run("_bench_stop.set()\nfor _t in _bench_threads: _t.join()\n_bench_stop.clear()")
-        rows.append(_loaded_row(f"stock ipykernel, {JOBS} plain threads", idle, medians))
+        stop_threads = "_bench_stop.set()\nfor _t in _bench_threads: _t.join()\n_bench_stop.clear()"
+        idles, loaded = _rounds(
+            session, lambda: session.run(start_threads), lambda: session.run(stop_threads)
+        )
+        rows.append(_worst_round(f"stock ipykernel, {JOBS} plain threads", idles, loaded))
 
-        idle = median_round_trip(session, "1", n=SAMPLES)
-        loop = SETUP + "\n_bench_cpu()"
-        hogs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(JOBS)]
-        try:
-            medians = [median_round_trip(session, "1", n=SAMPLES) for _ in range(ROUNDS)]
-        finally:
+        hogs: list[subprocess.Popen[bytes]] = []
+
+        def start_processes() -> None:
+            loop = SETUP + "\n_bench_cpu()"
+            hogs[:] = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(JOBS)]
+
+        def stop_processes() -> None:
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-        rows.append(_loaded_row(f"floor: stock ipykernel, {JOBS} processes not its own", idle, medians))
+
+        idles, loaded = _rounds(session, start_processes, stop_processes)
+        rows.append(_worst_round(f"floor: stock ipykernel, {JOBS} processes not its own", idles, loaded))
     finally:
         session.close()
-
-
-def _loaded_row(subject: str, idle: float, medians: list[float]) -> Row:
-    return Row(
-        BENCH,
-        subject,
-        _ms(max(medians)),
-        "ms",
-        extra={
-            "ratio": round(max(medians) / idle, 2),
-            "idle_ms": round(_ms(idle), 3),
-            "medians_ms": [round(_ms(m), 2) for m in medians],
-        },
-    )
 
 
 def run() -> list[Row]:
