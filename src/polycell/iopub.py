@@ -216,7 +216,8 @@ def keep_every_message(kernel: Any) -> bool:
 
     Set on the IOPub thread, the socket's own (a ZeroMQ socket is not thread-safe;
     the polycell kernel's other senders take it only while that thread lets them).
-    False when the kernel has no XPUB iopub socket to set.
+    False when the kernel has no IOPub thread to set it on (a socket that is not
+    XPUB is left alone).
     """
     io_thread = getattr(kernel, "iopub_thread", None)
     socket = getattr(io_thread, "socket", None)
