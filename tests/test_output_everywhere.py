@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from kernel_session import KernelSession, kernel_env
+from polycell.iopub import CLIENT_WAIT_SECONDS
 
 #: A job waits on this event, which a foreground cell sets, so that the two overlap.
 GATE = "import threading\ngate = threading.Event()\njob_ready = threading.Event()"
@@ -243,9 +244,10 @@ def test_a_client_that_falls_behind_still_gets_every_message(
     """A burst of output sent while the client reads nothing arrives whole, in order, once it reads.
 
     Not a job's only: any output. ZeroMQ's iopub socket drops what a subscriber's full
-    queue cannot take unless told to wait (`polycell.iopub.keep_every_message`).
+    queue cannot take unless told to wait (`polycell.iopub.PatientIOPubSocket`).
     20,000 messages are far more than ZeroMQ's queues and the network buffers between
-    kernel and client hold, so without the wait most of them are dropped.
+    kernel and client hold, so without the wait most of them are dropped. The client
+    pauses for less than the kernel waits for it (`CLIENT_WAIT_SECONDS`).
     """
     n, sent = 20_000, tmp_path / "sent"
     with any_kernel.not_reading():
@@ -257,7 +259,7 @@ def test_a_client_that_falls_behind_still_gets_every_message(
         )
         # Until the kernel says all was sent (dropped, if nothing made it wait), or it has been
         # held back a while: either way, far more than every queue holds is now on its way.
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + CLIENT_WAIT_SECONDS - 1.5
         while not sent.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert any_kernel.reply(msg_id, timeout=120)["content"]["status"] == "ok"
@@ -271,3 +273,21 @@ def test_a_client_that_falls_behind_still_gets_every_message(
         f"{n - len(shown)} of {n} displays lost; idle status {'came' if idle else 'lost'}"
     )
     assert shown == [str(i) for i in range(n)]
+
+
+def test_a_client_that_reads_no_output_holds_the_kernel_back_only_for_a_while(
+    any_kernel: KernelSession,
+) -> None:
+    """A script that waits for its replies and never reads iopub still gets them.
+
+    The kernel waits `CLIENT_WAIT_SECONDS` for it, then drops what it cannot take (for a
+    while), as ZeroMQ does at once: the polycell kernel's main thread, which sends its
+    own output, must not wait for such a client for ever.
+    """
+    with any_kernel.not_reading():
+        msg_id = any_kernel.execute(
+            "from IPython.display import display\nfor i in range(20_000):\n    display(i)"
+        )
+        reply = any_kernel.reply(msg_id, timeout=60)
+        assert reply["content"]["status"] == "ok"
+        assert any_kernel.reply(any_kernel.execute("1"), timeout=30)["content"]["status"] == "ok"

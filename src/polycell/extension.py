@@ -93,7 +93,7 @@ class Polycell:
     def start(self) -> None:
         from polycell.magics import PolycellMagics
 
-        keep_every_message(self.kernel)  # output a client falls behind on arrives late, not never
+        keep_every_message(getattr(self.kernel, "iopub_thread", None))  # late output, not lost output
         self.router.install()
         install_program_capture()  # subprocess and os.system output of a job to its cell
         install_job_figures()  # a job's matplotlib figures in its cell only

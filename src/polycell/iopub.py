@@ -33,7 +33,7 @@ from polycell.job import Job
 from polycell.journal import Record, StreamRun, Subscription
 from polycell.stream_text import StreamText
 
-__all__ = ["IOPubPublisher", "keep_every_message"]
+__all__ = ["IOPubPublisher", "PatientIOPubSocket", "keep_every_message"]
 
 _STOP = object()
 #: The shortest time between two batches of messages (ipykernel's own streams flush every 0.2 s).
@@ -204,32 +204,82 @@ class IOPubPublisher:
             print(f"polycell: could not send job {job_id} output: {exc}", file=sys.__stderr__)
 
 
-def keep_every_message(kernel: Any) -> bool:
-    """Have the kernel's iopub socket wait for a client that falls behind, instead of dropping.
+#: How long a send waits for a client that reads nothing before its messages are dropped.
+CLIENT_WAIT_SECONDS = 5.0
+#: After a client made a send wait that long: how long messages are dropped for it, as ZeroMQ would.
+LOSSY_SECONDS = 60.0
+
+
+class PatientIOPubSocket:
+    """The kernel's iopub socket, waiting for a client that falls behind instead of dropping.
 
     ZeroMQ's XPUB socket, ipykernel's iopub, drops a message for a subscriber whose
     queue is full (1,000 messages) and reports it sent: a client that falls behind
-    for a moment (a busy Jupyter server, a slow machine) then misses output, with
-    no sign, while a burst of it goes out (20,000 ``display`` calls, a flood of
-    ``%%bg`` cells). With ``XPUB_NODROP`` the sender waits for that client instead,
-    and the output arrives late but whole. Kept after ``%unload_ext polycell``.
+    for a moment (a busy Jupyter server, a loaded machine) misses output, with no
+    sign, while a burst of it goes out (20,000 ``display`` calls, a flood of
+    ``%%bg`` cells). With ``XPUB_NODROP`` a send waits for that client instead, and
+    the output arrives late but whole.
 
-    Set on the IOPub thread, the socket's own (a ZeroMQ socket is not thread-safe;
-    the polycell kernel's other senders take it only while that thread lets them).
-    False when the kernel has no IOPub thread to set it on (a socket that is not
-    XPUB is left alone).
+    Only for a while: a client that reads nothing at all (a script that waits for
+    its replies and never reads iopub) would otherwise hold the kernel's output, and
+    the polycell kernel's main thread, for ever. A send that waited
+    `CLIENT_WAIT_SECONDS` drops its message for that client, as ZeroMQ does at once,
+    and so do all sends for `LOSSY_SECONDS`; then sends wait again. Other clients get
+    every message either way. Every send on the socket goes through here, from the
+    thread that may use the socket (the IOPub thread, or one sharing it under
+    `polycell.shared_socket`), so the options are changed only there.
     """
-    io_thread = getattr(kernel, "iopub_thread", None)
+
+    def __init__(self, io_thread: Any) -> None:
+        self._io_thread = io_thread
+        self.socket = io_thread.socket
+        self._waiting = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.socket, name)
+
+    def wait_for_clients(self) -> None:
+        """From now on a send waits for a client that falls behind (on the socket's thread)."""
+        if self.socket.closed or self.socket.type != zmq.XPUB:
+            return
+        self.socket.setsockopt(zmq.SNDTIMEO, int(CLIENT_WAIT_SECONDS * 1000))
+        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self._waiting = True
+
+    def send_multipart(self, msg_parts: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.socket.send_multipart(msg_parts, *args, **kwargs)
+        except zmq.Again:
+            if not self._waiting or kwargs.get("flags", 0) & zmq.DONTWAIT:
+                raise
+        # A client read nothing for CLIENT_WAIT_SECONDS: drop for it, as ZeroMQ would have.
+        self.socket.setsockopt(zmq.XPUB_NODROP, 0)
+        self._waiting = False
+        print(
+            f"polycell: a client read no output for {CLIENT_WAIT_SECONDS:g} s; for the next "
+            f"{LOSSY_SECONDS:g} s, output it cannot take is dropped for it (other clients get it all)",
+            file=sys.__stderr__,
+        )
+        self._io_thread.io_loop.call_later(LOSSY_SECONDS, self._io_thread.schedule, self.wait_for_clients)
+        return self.socket.send_multipart(msg_parts, *args, **kwargs)
+
+
+def keep_every_message(io_thread: Any) -> PatientIOPubSocket | None:
+    """Have the IOPub thread's socket wait for clients that fall behind (`PatientIOPubSocket`).
+
+    Puts the wrapper in the thread's place (where ipykernel's IOPub thread sends
+    from) and has that thread set the socket's options. Kept after ``%unload_ext
+    polycell``. None when there is no IOPub thread to do it on.
+    """
     socket = getattr(io_thread, "socket", None)
     if socket is None or not hasattr(io_thread, "schedule"):
-        return False
-
-    def wait_for_subscribers() -> None:
-        if not socket.closed and socket.type == zmq.XPUB:
-            socket.setsockopt(zmq.XPUB_NODROP, 1)
-
-    io_thread.schedule(wait_for_subscribers)
-    return True
+        return None
+    if isinstance(socket, PatientIOPubSocket):
+        return socket
+    patient = PatientIOPubSocket(io_thread)
+    io_thread.socket = patient
+    io_thread.schedule(patient.wait_for_clients)
+    return patient
 
 
 def _position_mark(position: int | None) -> dict[str, int]:

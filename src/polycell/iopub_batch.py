@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+from polycell.iopub import keep_every_message
 from polycell.shared_socket import SharedSocket
 
 __all__ = ["BatchingIOPubSocket"]
@@ -61,7 +62,9 @@ class BatchingIOPubSocket:
         #: The batch last scheduled, with its drain; more messages join it while the drain is last in line.
         self._last: tuple[Callable[[], None], list[_Message]] | None = None
         subscriptions = getattr(io_thread, "_xpub_stream", None)  # none on a plain PUB socket
-        self._shared = SharedSocket(io_thread.socket, io_thread.io_loop, subscriptions)
+        # Sent on here or by the IOPub thread, every message waits for a client that falls behind.
+        patient = keep_every_message(io_thread) or io_thread.socket
+        self._shared = SharedSocket(patient, io_thread.io_loop, subscriptions)
         if io_thread.thread.is_alive():
             self._shared.share(then=lambda: io_thread._event_puller.on_recv(self._run_scheduled))
             # At the kernel's exit other threads may still send: the IOPub thread's loop closes the
