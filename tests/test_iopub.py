@@ -192,3 +192,88 @@ def test_a_message_with_nothing_queued_ahead_is_sent_by_its_own_thread_and_one_b
         io_thread.close()
         sub.close(linger=0)
         ctx.term()
+
+
+class _IOThreadStandIn:
+    """What `PatientIOPubSocket` uses of ipykernel's IOPub thread, run on the test's own thread."""
+
+    def __init__(self, socket: object) -> None:
+        self.socket = socket
+        self.later: list[tuple[float, object, tuple]] = []
+        self.io_loop = self
+
+    def schedule(self, f) -> None:
+        f()
+
+    def add_callback(self, f, *args) -> None:
+        f(*args)
+
+    def call_later(self, delay: float, f, *args) -> None:
+        self.later.append((delay, f, args))
+
+
+def test_iopub_waits_for_a_client_that_falls_behind_then_drops_for_one_that_reads_nothing(monkeypatch):
+    """Backpressure, bounded: no message lost while a client reads; a client that stops reading
+    holds a send back `CLIENT_WAIT_SECONDS`, then is dropped for (`LOSSY_SECONDS`), then waited for again."""
+    import threading
+    import time
+
+    import zmq
+
+    from polycell import iopub
+
+    monkeypatch.setattr(iopub, "CLIENT_WAIT_SECONDS", 0.2)
+    ctx = zmq.Context()
+    pub, sub = ctx.socket(zmq.XPUB), ctx.socket(zmq.SUB)
+    pub.sndhwm = sub.rcvhwm = 10
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        assert pub.poll(10_000) and pub.recv() == b"\x01"  # the subscription has arrived
+        io_thread = _IOThreadStandIn(pub)
+        patient = iopub.keep_every_message(io_thread)
+        assert patient is not None and io_thread.socket is patient
+        assert iopub.keep_every_message(io_thread) is patient  # once
+
+        # A client that reads, however slowly: every message, in order. (Large messages,
+        # so that the network buffers fill too, and the sender waits for the reader.)
+        payload = b"x" * 65_536
+        received: list[bytes] = []
+
+        def read(n: int) -> None:
+            while len(received) < n and sub.poll(10_000):
+                received.append(sub.recv()[:8])
+                time.sleep(0.0005)
+
+        reader = threading.Thread(target=read, args=(2_000,))
+        reader.start()
+        for i in range(2_000):
+            patient.send_multipart([b"%08d" % i + payload])
+        reader.join(60)
+        assert received == [b"%08d" % i for i in range(2_000)]
+        assert io_thread.later == []
+
+        def send_until_given_up() -> None:
+            for _ in range(10_000):
+                patient.send_multipart([payload])
+                if io_thread.later:
+                    break
+            for _ in range(100):  # and from then on, without waiting
+                patient.send_multipart([payload])
+
+        # A client that reads nothing: one send waits, then what it cannot take is dropped.
+        send_until_given_up()
+        assert [delay for delay, _, _ in io_thread.later] == [iopub.LOSSY_SECONDS]
+
+        # After LOSSY_SECONDS the socket waits for it again.
+        while sub.poll(100):
+            sub.recv()
+        _, wait_again, args = io_thread.later.pop()
+        wait_again(*args)
+        send_until_given_up()
+        assert len(io_thread.later) == 1  # it waited, and gave up, once more
+    finally:
+        sub.close(0)
+        pub.close(0)
+        ctx.term()

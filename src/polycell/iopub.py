@@ -260,7 +260,8 @@ class PatientIOPubSocket:
             f"{LOSSY_SECONDS:g} s, output it cannot take is dropped for it (other clients get it all)",
             file=sys.__stderr__,
         )
-        self._io_thread.io_loop.call_later(LOSSY_SECONDS, self._io_thread.schedule, self.wait_for_clients)
+        loop = self._io_thread.io_loop  # add_callback: the one thread-safe way onto that loop
+        loop.add_callback(loop.call_later, LOSSY_SECONDS, self._io_thread.schedule, self.wait_for_clients)
         return self.socket.send_multipart(msg_parts, *args, **kwargs)
 
 
