@@ -250,7 +250,8 @@ class PatientIOPubSocket:
         try:
             return self.socket.send_multipart(msg_parts, *args, **kwargs)
         except zmq.Again:
-            if not self._waiting or kwargs.get("flags", 0) & zmq.DONTWAIT:
+            flags = args[0] if args else kwargs.get("flags", 0)
+            if not self._waiting or flags & zmq.DONTWAIT:  # a send that asked not to wait
                 raise
         # A client read nothing for CLIENT_WAIT_SECONDS: drop for it, as ZeroMQ would have.
         self.socket.setsockopt(zmq.XPUB_NODROP, 0)
