@@ -51,7 +51,7 @@ def _wrong_cells(session: KernelSession, sent: dict[str, int]) -> int:
 
 
 def _iopub_messages_per_cell(session: KernelSession, sent: dict[str, int]) -> float:
-    """How many iopub messages the client read per cell: what its time is mostly spent on."""
+    """How many iopub messages each cell cost: the kernel sends each, and the client reads each."""
     with session._cond:
         count = sum(msg["parent_header"].get("msg_id") in sent for msg in session.messages)
     return round(count / len(sent), 2)

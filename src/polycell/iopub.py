@@ -15,6 +15,10 @@ record may add to that metadata (its ``"polycell"`` key): the job's handle
 adds ``handle: true`` and the job's ``status``, so a client that ignores
 display updates (a terminal, a headless runner) still learns how a job ended,
 from the message the front end already gets.
+
+Every iopub send of the kernel, this publisher's and ipykernel's alike, goes
+through `PatientIOPubSocket`, which waits a while for a client that falls
+behind rather than let ZeroMQ drop what it cannot take.
 """
 
 from __future__ import annotations

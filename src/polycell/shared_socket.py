@@ -24,10 +24,12 @@ And a send keeps the GIL. pyzmq lets go of it around each frame it hands to
 libzmq, for a send that might block; a Jupyter message is six frames or more,
 and while CPU-bound job threads run, each time a kernel thread lets go of the
 GIL it must then wait for a job to give it back (at least the switch interval).
-A send here cannot block (ZMQ_DONTWAIT; ROUTER and XPUB sockets drop rather
-than wait), so `send_held` hands a message of ``bytes`` frames to libzmq's
-own ``zmq_send``, called through ctypes without releasing the GIL, and falls
-back to pyzmq's send for anything else (or if libzmq refuses the first frame).
+So `send_held` hands a message of ``bytes`` frames to libzmq's own
+``zmq_send`` without waiting (ZMQ_DONTWAIT), called through ctypes without
+releasing the GIL, and falls back to pyzmq's send for anything else, or if
+libzmq refuses the first frame: then pyzmq's send waits as it always does (the
+iopub socket waits a while for a client whose queue is full:
+`polycell.iopub.PatientIOPubSocket`).
 
 Reaches into pyzmq 27's ``ZMQStream``: ``_handle_events(fd, events)``, the
 handler it registers for its socket with ``add_handler``, and
