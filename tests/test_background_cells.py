@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from kernel_session import check_interrupt_spares_a_thread_jobs_child
 
 
@@ -350,3 +352,42 @@ def test_a_cells_busy_and_handle_come_before_its_jobs_first_line(any_kernel):
         kinds = [m["msg_type"] for m in messages if m["parent_header"].get("msg_id") == msg_id]
         assert kinds[:3] == ["status", "execute_input", "display_data"], kinds
         assert kinds.index("display_data") < kinds.index("stream"), (n, kinds)
+
+
+@pytest.mark.parametrize("mode", ["thread", "task", "process"])
+def test_a_job_started_at_once_is_first_shown_running_and_updated_only_when_it_ends(
+    any_kernel, tmp_path, mode
+):
+    """No "pending" handle and a "running" update a moment later: one message fewer per cell."""
+    kernel = any_kernel
+    gate = tmp_path / "go"
+    wait = "await asyncio.sleep(0.01)" if mode == "task" else "time.sleep(0.01)"
+    kernel.run("import asyncio, os, time")
+    msg_id = kernel.execute(
+        f"%%bg --mode {mode}\nwhile not os.path.exists({str(gate)!r}):\n    {wait}\nprint('ran')"
+    )
+    kernel.wait_idle(msg_id)
+    gate.touch()
+    kernel.wait_job_end(kernel.job_id(msg_id))
+    handles = [
+        (m["msg_type"], m["metadata"]["polycell"]["status"])
+        for m in kernel.outputs(msg_id)
+        if m["msg_type"] in ("display_data", "update_display_data")
+    ]
+    assert handles == [("display_data", "running"), ("update_display_data", "done")]
+    assert kernel.text(msg_id) == "ran\n"
+
+
+def test_a_handle_says_a_job_ended_only_after_all_its_output(any_kernel):
+    """A job that ends as it starts is first shown running: its output is still on its way."""
+    kernel = any_kernel
+    started = [kernel.execute(f"%%bg\nprint({n})") for n in range(20)]
+    for n, msg_id in enumerate(started):
+        kernel.wait_job_end(kernel.job_id(msg_id))
+        kinds = [
+            (m["msg_type"], m["metadata"].get("polycell", {}).get("status")) for m in kernel.outputs(msg_id)
+        ]
+        assert kinds[0] == ("display_data", "running"), kinds
+        assert kinds[-1] == ("update_display_data", "done"), kinds
+        assert kinds.index(("stream", None)) < len(kinds) - 1, kinds
+        assert kernel.text(msg_id) == f"{n}\n"

@@ -433,6 +433,8 @@ def test_connecting_to_the_cluster_does_not_hold_up_other_cells():
         session.wait_job_end(other_job)
         assert session.text(other) == "not held up\n"
         assert session.eval(f"jobs[{dask_job}].status.value") == "pending"  # still connecting
+        handle = next(m for m in session.outputs(dask_cell) if m["msg_type"] == "display_data")
+        assert handle["metadata"]["polycell"]["status"] == "pending"  # and its handle says so
         session.wait_job_end(dask_job, timeout=60)
         assert "cannot reach the scheduler" in session.text(dask_cell, "stderr")
     finally:

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from kernel_session import KernelSession
-from polycell.extension import open_store
 from polycell.job import Job
 from polycell.journal_files import JournalFileError, journal_dir, store_path, sweep
-from polycell.journal_store import JournalStore, read_job
+from polycell.journal_store import JournalStore, open_store, read_job
 
 HOUR = 3600.0
 

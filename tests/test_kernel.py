@@ -458,14 +458,22 @@ def test_a_background_cell_that_fails_to_start_still_replies_and_goes_idle(pk):
     assert pk.text(ok) == "threads again\n"
 
 
-def held_until(path: Path) -> str:
-    """A foreground cell that runs until `path` exists, then ends normally (no interrupt)."""
-    return f"import os, time\nwhile not os.path.exists({str(path)!r}):\n    time.sleep(0.01)"
+def held_until(path: Path, queued: int = 0) -> str:
+    """A foreground cell that runs until `path` exists, then ends normally (no interrupt).
+
+    With `queued`, it also waits until the kernel has that many requests queued
+    for the main thread: the test's later cells are on their way once sent, but
+    only in the kernel once its shell channel thread has read them. Released
+    before, ipykernel may fail the cell above and stop aborting before a cell sent
+    below it has even arrived; that cell then runs, as one sent after the failure would.
+    """
+    kernel_has_them = f" or len(get_ipython().kernel.main_queue) < {queued}" if queued else ""
+    return f"import os, time\nwhile not os.path.exists({str(path)!r}){kernel_has_them}:\n    time.sleep(0.01)"
 
 
 def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk, tmp_path):
     """A %%bg cell waits for the cells queued before it; only a running cell is overtaken."""
-    sleeping = start_foreground(pk, held_until(tmp_path / "go"))
+    sleeping = start_foreground(pk, held_until(tmp_path / "go", queued=2))
     define = pk.execute("x = 41")  # queued behind the running cell
     bg = send_execute(pk, "%%bg\nprint(x + 1)", user_expressions={"y": "x"})
     (tmp_path / "go").touch()
@@ -489,7 +497,7 @@ def test_run_all_starts_a_bg_cell_after_the_queued_cells_above_it(pk, tmp_path):
 
 
 def test_run_all_aborts_a_bg_cell_queued_below_a_failing_cell(pk, tmp_path):
-    start_foreground(pk, held_until(tmp_path / "go"))
+    start_foreground(pk, held_until(tmp_path / "go", queued=2))
     failing = pk.execute("1 / 0")  # queued; stop_on_error aborts what is queued after it
     bg = pk.execute("%%bg\nprint('must not run')")
     (tmp_path / "go").touch()

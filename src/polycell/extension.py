@@ -10,24 +10,23 @@ from __future__ import annotations
 import atexit
 import contextvars
 import itertools
-import os
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from polycell import view
 from polycell.cell import CellWork, CompiledCell, compile_cell
 from polycell.control import ControlHandler
 from polycell.history_pacing import paced_history
-from polycell.interrupts import BackgroundThread, InterruptWaker
+from polycell.interrupts import InterruptWaker
 from polycell.iopub import IOPubPublisher, keep_every_message
-from polycell.job import Job, JobError, JobState, one_line
+from polycell.job import Job, JobError, JobState
 from polycell.job_figures import install_job_figures, remove_job_figures, show_open_figures
 from polycell.job_table import JobTable, jobs
 from polycell.journal import Record
-from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, sweep
-from polycell.journal_store import DEFAULT_MAX_BYTES, JournalStore
+from polycell.journal_store import JournalStore, open_store
 from polycell.program_output import install_program_capture, remove_program_capture
 from polycell.rich_output import RichSupport
 from polycell.routing import OutputRouter, write_error, write_result
@@ -62,14 +61,35 @@ def _cell_of(request: dict[str, Any]) -> str | None:
 
 
 class JobHandle:
-    """What ``%%bg`` shows: the job's id, name, mode and status, kept up to date."""
+    """What ``%%bg`` shows: the job's id, name, mode and status, kept up to date.
+
+    Made once (`first`), after the job was handed to its runner: a change of state
+    before that needs no update, since the handle shows it (`stale`).
+    """
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.display_id = f"polycell-{_PROCESS_TAG}-{job.id}-{next(_HANDLE_NUMBERS)}"
+        self._made = threading.Lock()
+        self._shown = False
 
-    def bundle(self) -> dict[str, Any]:
-        return view.handle_bundle(self.job, _PROCESS_TAG)
+    def record(self, msg_type: str, state: view.HandleState) -> Record:
+        """The handle as a record; its status also goes in the message's metadata (`polycell.iopub`)."""
+        data = view.handle_bundle(self.job, _PROCESS_TAG, state)
+        content = {"data": data, "metadata": {}, "transient": {"display_id": self.display_id}}
+        mark = {"handle": True, "status": state.status.value}
+        return {"msg_type": msg_type, "content": content, "polycell": mark}
+
+    def first(self, *, ended_as_running: bool) -> Record:
+        """The display that shows the handle, as of now (see `view.handle_state`)."""
+        with self._made:
+            self._shown = True
+            return self.record("display_data", view.handle_state(self.job, ended_as_running=ended_as_running))
+
+    def stale(self) -> bool:
+        """After a change of state: does the handle shown need an update? (The end's follows the output.)"""
+        with self._made:
+            return self._shown and not self.job.done
 
 
 class Polycell:
@@ -214,8 +234,7 @@ class Polycell:
         if backend is not None:
             job.info["backend"] = backend
         try:
-            self.attach(job)
-            runner.submit(job, work)
+            self.attach(job, start=lambda: runner.submit(job, work))
         except BaseException as exc:
             job.set_exception(exc)  # a job that could not start must not stay "pending"
             raise
@@ -232,8 +251,13 @@ class Polycell:
             names.append("jobs")
         return names
 
-    def attach(self, job: Job) -> None:
+    def attach(self, job: Job, start: Callable[[], object] | None = None) -> None:
         """Show the job's handle in the current cell and send its output there, live.
+
+        `start`, if given, hands the job to its runner: it is called before the
+        handle is made, so a job its runner starts at once (thread, task, process)
+        is first shown running, not pending followed by an update a moment later.
+        If it raises, no handle is shown.
 
         The cell's id, which JupyterLab and Notebook 7 send with each request
         (``metadata.cellId``), is kept with the job (``job.info["cell_id"]``), so a
@@ -247,7 +271,7 @@ class Polycell:
         if cell_id is not None:
             job.info["cell_id"] = cell_id
             job.info["request"] = parent["header"]["msg_id"]
-        self._follow(job, replay=False)
+        self._follow(job, replay=False, start=start)
 
     def note_request(self, request: dict[str, Any]) -> str | None:
         """Remember that a notebook cell ran `request`; returns the cell's id, if it has one.
@@ -275,19 +299,12 @@ class Polycell:
         """Replay a job's journal into the current cell, then follow it live."""
         self._follow(job, replay=True)
 
-    def _follow(self, job: Job, *, replay: bool) -> None:
+    def _follow(self, job: Job, *, replay: bool, start: Callable[[], object] | None = None) -> None:
         parent = self.shell.parent_header
         handle = JobHandle(job)
 
-        def handle_record(msg_type: str) -> Record:
-            transient = {"display_id": handle.display_id}
-            content = {"data": handle.bundle(), "metadata": {}, "transient": transient}
-            # The status also goes in the message's metadata (see polycell.iopub).
-            state = {"handle": True, "status": job.status.value}
-            return {"msg_type": msg_type, "content": content, "polycell": state}
-
         def update() -> None:
-            self.publisher.send(job.id, parent, handle_record("update_display_data"))
+            self.publisher.send(job.id, parent, handle.record("update_display_data", view.handle_state(job)))
 
         # A notebook (JupyterLab, Notebook 7) sends the cell's id with each request and
         # redraws the handle when it is updated; a terminal front end (jupyter console)
@@ -309,16 +326,20 @@ class Polycell:
             # has printed nothing, and that flush is a wait for ipykernel's iopub thread.)
             sys.stdout.flush()
             sys.stderr.flush()
+
+        job.add_state_listener(lambda _: update() if handle.stale() else None)
+        if start is not None:
+            start()
+        first = handle.first(ended_as_running=not replay)
         # Sent from this thread, before the cell's reply and idle status (a front end
         # that stops listening to a cell at its idle, nbclient or papermill, still
         # records it), and before anything for this cell is queued: every later update
         # and every output goes through the publisher, after it.
-        self.publisher.send_now(job.id, parent, handle_record("display_data"))
-
-        job.add_state_listener(lambda changed: None if changed.done else update())
+        self.publisher.send_now(job.id, parent, first)
         # The final update is sent after the job's last output, so the handle never
         # says "done" while its traceback is still on its way.
-        self.publisher.follow(job, parent, replay=replay, on_end=end)
+        # A job just started may have printed already: that, too, comes after its handle.
+        self.publisher.follow(job, parent, replay=replay or start is not None, on_end=end)
         if replay:
             # The replay (all of it, for a job that ended) reaches the socket before the
             # cell's idle: nbclient and papermill stop listening to a cell there.
@@ -327,56 +348,6 @@ class Polycell:
 
 #: How long ``%job show`` waits for its replay to be sent (a journal of many megabytes takes that long).
 _REPLAY_FLUSH_SECONDS = 10.0
-
-
-def _env_number(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-def open_store(connection_file: str | None = None) -> JournalStore | None:
-    """This kernel's journal on disk (see `polycell.journal_files`), or None.
-
-    ``POLYCELL_STORE_MAX_MB`` caps its size (default 100; ``0`` turns it off),
-    ``POLYCELL_STORE_TOTAL_MB`` all journals' together (default 1,000), and
-    ``POLYCELL_STORE_KEEP_HOURS`` how long one stays after its kernel's clean
-    shutdown (default 24). A journal that cannot be written privately is
-    reported in one line on the kernel's stderr, and the kernel runs without it.
-    """
-    max_mb = _env_number("POLYCELL_STORE_MAX_MB", DEFAULT_MAX_BYTES / 2**20)
-    if max_mb <= 0:
-        return None
-    if connection_file is None:
-        try:
-            from ipykernel.connect import get_connection_file
-
-            connection_file = get_connection_file()
-        except Exception:  # noqa: BLE001 - no kernel app (embedded kernel...): no store
-            return None
-    try:
-        store = JournalStore.for_connection_file(connection_file, max_bytes=int(max_mb * 2**20))
-    except Exception as exc:  # noqa: BLE001 - output on disk is a bonus, never a reason to fail
-        print(f"polycell: the journal on disk is off ({one_line(exc)})", file=sys.__stderr__)
-        return None
-    total_mb = _env_number("POLYCELL_STORE_TOTAL_MB", DEFAULT_TOTAL_BYTES / 2**20)
-    keep_hours = _env_number("POLYCELL_STORE_KEEP_HOURS", KEEP_AFTER_SHUTDOWN / 3600)
-
-    def sweep_others() -> None:
-        try:
-            sweep(
-                store.path.parent,
-                keep=store.path,
-                keep_after_shutdown=keep_hours * 3600,
-                total_bytes=int(total_mb * 2**20),
-            )
-        except Exception as exc:  # noqa: BLE001 - an old journal left over is no reason to fail
-            print(f"polycell: could not sweep old journals ({one_line(exc)})", file=sys.__stderr__)
-
-    # Off the kernel's start: it opens (and may delete) other kernels' files.
-    BackgroundThread(target=sweep_others, name="polycell-journal-sweep", daemon=True).start()
-    return store
 
 
 _loaded: dict[int, Polycell] = {}

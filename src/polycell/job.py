@@ -239,8 +239,10 @@ class Job:
 
     # -- transitions: for runners and tests, as Future.set_result is ---------------------
     #
-    # A runner calls set_running when the job's code starts, then exactly one of
-    # finish, set_result, set_exception or set_killed; later calls do nothing.
+    # A runner calls set_running when it starts the job's code (in `submit`, for a
+    # runner that starts it at once: its handle is then first shown running), then
+    # exactly one of finish, set_result, set_exception or set_killed; later calls do
+    # nothing.
 
     def request_kill(self, reason: str | None = None) -> bool:
         """Record that the job is to be killed (by `kill`, or a runner shutting down).

@@ -18,6 +18,9 @@ counts them in ``dropped``. Each kernel process that opens the database is a
 new *run* (job ids restart at 1 after a restart), so rows are keyed by
 (run, job, seq).
 
+`open_store` opens this kernel's store as the extension configures it
+(``POLYCELL_STORE_*`` settings), and sweeps other kernels' old journals.
+
 The reading side (`polycell.stored_jobs`: `read_jobs`, `read_job`) needs no
 kernel at all; it is importable from here too, where it was first defined.
 """
@@ -36,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from polycell.interrupts import BackgroundThread
-from polycell.job import Job
+from polycell.job import Job, one_line
 from polycell.journal import Record, StreamRun
-from polycell.journal_files import create_private, store_path
+from polycell.journal_files import DEFAULT_TOTAL_BYTES, KEEP_AFTER_SHUTDOWN, create_private, store_path, sweep
 from polycell.stored_jobs import StoredJob, read_job, read_jobs, read_runs
 from polycell.stream_text import StreamText
 
@@ -46,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "JournalStore",
     "StoredJob",
+    "open_store",
     "read_job",
     "read_jobs",
     "read_runs",
@@ -337,3 +341,53 @@ class JournalStore:
                 (max(1, count // 2), self.run, job_id),
             )
         return trimmed
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def open_store(connection_file: str | None = None) -> JournalStore | None:
+    """This kernel's journal on disk (see `polycell.journal_files`), or None.
+
+    ``POLYCELL_STORE_MAX_MB`` caps its size (default 100; ``0`` turns it off),
+    ``POLYCELL_STORE_TOTAL_MB`` all journals' together (default 1,000), and
+    ``POLYCELL_STORE_KEEP_HOURS`` how long one stays after its kernel's clean
+    shutdown (default 24). A journal that cannot be written privately is
+    reported in one line on the kernel's stderr, and the kernel runs without it.
+    """
+    max_mb = _env_number("POLYCELL_STORE_MAX_MB", DEFAULT_MAX_BYTES / 2**20)
+    if max_mb <= 0:
+        return None
+    if connection_file is None:
+        try:
+            from ipykernel.connect import get_connection_file
+
+            connection_file = get_connection_file()
+        except Exception:  # noqa: BLE001 - no kernel app (embedded kernel...): no store
+            return None
+    try:
+        store = JournalStore.for_connection_file(connection_file, max_bytes=int(max_mb * 2**20))
+    except Exception as exc:  # noqa: BLE001 - output on disk is a bonus, never a reason to fail
+        print(f"polycell: the journal on disk is off ({one_line(exc)})", file=sys.__stderr__)
+        return None
+    total_mb = _env_number("POLYCELL_STORE_TOTAL_MB", DEFAULT_TOTAL_BYTES / 2**20)
+    keep_hours = _env_number("POLYCELL_STORE_KEEP_HOURS", KEEP_AFTER_SHUTDOWN / 3600)
+
+    def sweep_others() -> None:
+        try:
+            sweep(
+                store.path.parent,
+                keep=store.path,
+                keep_after_shutdown=keep_hours * 3600,
+                total_bytes=int(total_mb * 2**20),
+            )
+        except Exception as exc:  # noqa: BLE001 - an old journal left over is no reason to fail
+            print(f"polycell: could not sweep old journals ({one_line(exc)})", file=sys.__stderr__)
+
+    # Off the kernel's start: it opens (and may delete) other kernels' files.
+    BackgroundThread(target=sweep_others, name="polycell-journal-sweep", daemon=True).start()
+    return store

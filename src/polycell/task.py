@@ -65,8 +65,10 @@ class TaskRunner(Runner):
     def submit(self, job: Job, work: CellWork | Callable[[], Awaitable[Any]]) -> Job:
         body = work.run_async if isinstance(work, CellWork) else work
         context = self._prepare(job)
-        self._jobs[job.id] = job
         loop = self.loop
+        if not job.set_running():  # killed before it was handed over
+            return job
+        self._jobs[job.id] = job
 
         def start() -> None:
             # Created inside `context`, the task runs in a copy of it.
@@ -91,8 +93,6 @@ class TaskRunner(Runner):
 
     async def _run(self, job: Job, body: Callable[[], Awaitable[Any]]) -> None:
         try:
-            if not job.set_running():
-                return
             value = await body()
         except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash
             job.finish(exc, (asyncio.CancelledError, JobKilled))

@@ -201,15 +201,20 @@ class ThreadRunner(Runner):
             name=f"polycell-job-{job.id}",
             daemon=True,
         )
+        if not job.set_running():  # killed before it was handed over
+            return job
         with self._lock:
             self._threads[job.id] = (thread, switch, job)
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._threads.pop(job.id, None)
+            raise
         return job
 
     def _run(self, job: Job, body: Callable[[], Any], switch: KillSwitch) -> None:
         try:
-            if not job.set_running():
-                return
             job.info["thread"] = threading.current_thread().name
             if job.kill_requested:
                 switch.pull()

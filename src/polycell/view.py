@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from polycell.job import Job, JobState
 
 __all__ = [
     "HANDLE_MIME",
+    "HandleState",
     "format_elapsed",
     "handle_bundle",
     "handle_data",
     "handle_html",
+    "handle_state",
     "handle_text",
     "job_row",
     "jobs_html",
@@ -47,9 +49,11 @@ def format_elapsed(seconds: float) -> str:
 
 
 def status_text(job: Job) -> str:
-    if job.kill_requested and not job.done:
-        return "killing"
-    return str(job.status)
+    return _status_label(job.status, job.kill_requested)
+
+
+def _status_label(status: JobState, kill_requested: bool) -> str:
+    return "killing" if kill_requested and not status.ended else str(status)
 
 
 def make_row(
@@ -118,11 +122,11 @@ def rows_text(job_rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> 
     return "\n".join([*lines, *extra])
 
 
-def _badge(job: Job) -> str:
-    colour = _STATUS_COLOURS[job.status]
+def _badge(status: JobState, label: str) -> str:
+    colour = _STATUS_COLOURS[status]
     return (
         f'<span style="color:white;background:{colour};border-radius:3px;'
-        f'padding:0 4px;font-size:90%">{html.escape(status_text(job))}</span>'
+        f'padding:0 4px;font-size:90%">{html.escape(label)}</span>'
     )
 
 
@@ -135,7 +139,7 @@ def jobs_html(jobs: Sequence[Job], extra: Sequence[str] = ()) -> str:
         for job in jobs:
             cells = _cells(job_row(job))
             cells_html = [html.escape(c) for c in cells]
-            cells_html[3] = _badge(job)
+            cells_html[3] = _badge(job.status, cells[3])
             cells_html[5] = f"<code>{cells_html[5]}</code>"
             rows.append(
                 "<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells_html) + "</tr>"
@@ -148,10 +152,36 @@ def jobs_html(jobs: Sequence[Job], extra: Sequence[str] = ()) -> str:
     return body + tail
 
 
-def handle_text(job: Job) -> str:
-    text = f"[polycell] job {job.id} '{job.name}' ({job.mode}): {status_text(job)}"
-    if job.done:
-        text += f" after {format_elapsed(job.elapsed)}"
+class HandleState(NamedTuple):
+    """What a handle shows of its job, read once: its text, HTML and data agree."""
+
+    status: JobState
+    label: str  # "killing" while a kill is on its way
+    elapsed: float
+
+    @property
+    def done(self) -> bool:
+        return self.status.ended
+
+
+def handle_state(job: Job, *, ended_as_running: bool = False) -> HandleState:
+    """The job's handle as of now.
+
+    With `ended_as_running`, a job that has already ended is shown running: a handle
+    that says a job ended promises that all the job's output came before it (headless
+    runs stop listening to the job there), and the first handle of a job that ended
+    as it started comes before that output.
+    """
+    status = job.status
+    if ended_as_running and status.ended:
+        return HandleState(JobState.RUNNING, str(JobState.RUNNING), job.elapsed)
+    return HandleState(status, _status_label(status, job.kill_requested), job.elapsed)
+
+
+def handle_text(job: Job, state: HandleState) -> str:
+    text = f"[polycell] job {job.id} '{job.name}' ({job.mode}): {state.label}"
+    if state.done:
+        text += f" after {format_elapsed(state.elapsed)}"
     return text
 
 
@@ -160,35 +190,37 @@ def handle_text(job: Job) -> str:
 HANDLE_MIME = "application/vnd.polycell.job+json"
 
 
-def handle_data(job: Job, kernel_process: str) -> dict[str, Any]:
+def handle_data(job: Job, kernel_process: str, state: HandleState) -> dict[str, Any]:
     """The handle as data; `kernel_process` tells a front end whether the job is of the kernel it talks to
     (job ids start again at 1 in every kernel process)."""
     return {
         "job": job.id,
         "name": job.name,
         "mode": job.mode,
-        "status": status_text(job),
-        "done": job.done,
-        "elapsed": job.elapsed,
+        "status": state.label,
+        "done": state.done,
+        "elapsed": state.elapsed,
         "kernel_process": kernel_process,
         "cell_id": job.info.get("cell_id"),
     }
 
 
-def handle_bundle(job: Job, kernel_process: str) -> dict[str, Any]:
+def handle_bundle(job: Job, kernel_process: str, state: HandleState | None = None) -> dict[str, Any]:
     """The handle as a display's data: text for a terminal, HTML for a front end without
-    polycell's extension, and the data that extension renders live."""
+    polycell's extension, and the data that extension renders live; of `state`, or as of now."""
+    if state is None:
+        state = handle_state(job)
     return {
-        "text/plain": handle_text(job),
-        "text/html": handle_html(job),
-        HANDLE_MIME: handle_data(job, kernel_process),
+        "text/plain": handle_text(job, state),
+        "text/html": handle_html(job, state),
+        HANDLE_MIME: handle_data(job, kernel_process, state),
     }
 
 
-def handle_html(job: Job) -> str:
-    elapsed = f" after {format_elapsed(job.elapsed)}" if job.done else ""
+def handle_html(job: Job, state: HandleState) -> str:
+    elapsed = f" after {format_elapsed(state.elapsed)}" if state.done else ""
     return (
         f"<div class='polycell-handle' data-job='{job.id}' style='font-family:monospace'>"
         f"⧉ job <b>{job.id}</b> <i>{html.escape(job.name)}</i> ({html.escape(job.mode)}) "
-        f"{_badge(job)}{html.escape(elapsed)}</div>"
+        f"{_badge(state.status, state.label)}{html.escape(elapsed)}</div>"
     )
