@@ -92,6 +92,8 @@ class TaskRunner(Runner):
             start()
 
     async def _run(self, job: Job, body: Callable[[], Awaitable[Any]]) -> None:
+        if job.done:  # killed between `submit` setting it running and this task's creation
+            return
         try:
             value = await body()
         except BaseException as exc:  # noqa: BLE001 - a job's failure is data, not a crash

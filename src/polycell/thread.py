@@ -215,6 +215,8 @@ class ThreadRunner(Runner):
 
     def _run(self, job: Job, body: Callable[[], Any], switch: KillSwitch) -> None:
         try:
+            if job.done:  # killed between `submit` setting it running and this thread's start
+                return
             job.info["thread"] = threading.current_thread().name
             if job.kill_requested:
                 switch.pull()
