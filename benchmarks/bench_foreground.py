@@ -5,8 +5,9 @@ Measured side by side in one run:
 - the polycell kernel, and stock ipykernel with the polycell extension, idle: median
   round trip of a trivial cell; then while 2 CPU-bound ``%%bg`` jobs (busy loops) run,
   in thread mode (threads share the GIL: bar <= 3x idle) and in process mode (each
-  job on its own core: bar <= 1.2x idle), the worst of 5 rounds, each a median
-  idle and then a median under 2 fresh jobs (`_rounds`);
+  job on its own core: bar <= 1.2x idle), the worst of 5 rounds, each under 2 fresh
+  jobs that are paused and resumed between samples, so that each loaded round trip
+  has an idle one measured a moment before it (`_rounds`);
 - async-kernel, idle and while 2 ``# thread`` cells run the same loop;
 - stock ipykernel (no polycell), idle, for reference;
 - stock ipykernel where the same CPU work runs as 2 foreground cells: the trivial
@@ -22,10 +23,15 @@ Round trip = execute_request sent -> execute_reply and idle status received.
 
 from __future__ import annotations
 
+import os
+import signal
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from harness import (
     POLYCELL_KERNEL,
@@ -46,14 +52,37 @@ JOBS = 2
 CPU_SECONDS = 1.0  # per CPU cell in the stock-ipykernel reference
 
 # One unit of CPU-bound pure-Python work, repeated until told to stop (polycell) or
-# for CPU_SECONDS (stock reference): the same loop body in both.
+# for CPU_SECONDS (stock reference): the same loop body in both. Threads running it
+# park at the gate while the benchmark has it closed (`_bench_pause`), so that an idle
+# round trip can be measured between two loaded ones without ending the jobs.
 SETUP = """
 import threading, time
 _bench_stop = threading.Event()
+_bench_gate = threading.Condition()
+_bench_open = True
+_bench_parked = 0
 def _bench_cpu(seconds=None):
+    global _bench_parked
     end = None if seconds is None else time.perf_counter() + seconds
     while not _bench_stop.is_set() and (end is None or time.perf_counter() < end):
+        if not _bench_open:
+            with _bench_gate:
+                _bench_parked += 1
+                _bench_gate.notify_all()
+                _bench_gate.wait_for(lambda: _bench_open or _bench_stop.is_set())
+                _bench_parked -= 1
         sum(range(1000))
+def _bench_pause(threads):
+    global _bench_open
+    with _bench_gate:
+        _bench_open = False
+        if not _bench_gate.wait_for(lambda: _bench_parked == threads, timeout=30):
+            raise RuntimeError(f"{threads - _bench_parked} busy threads did not park")
+def _bench_resume():
+    global _bench_open
+    with _bench_gate:
+        _bench_open = True
+        _bench_gate.notify_all()
 """
 
 
@@ -65,24 +94,75 @@ ASYNC_KERNEL = [sys.executable, "-m", "async_kernel", "start", "--connection_fil
 BARS = {"thread": 3.0, "process": 1.2}
 
 
-def _rounds(
-    session: KernelSession, start: Callable[[], object], stop: Callable[[], object]
-) -> tuple[list[float], list[float]]:
-    """ROUNDS pairs of median round trips: idle, then under the load `start` starts (and `stop` ends).
+@dataclass
+class Load:
+    """CPU-bound work beside a kernel that a round starts, pauses and resumes between samples, and stops."""
 
-    Responsive in every run, not in a good one: the worst round is the figure. Each round's
-    idle is measured next to its load, as this machine's speed drifts from minute to minute
-    by more than the bars allow.
+    start: Callable[[], object]
+    pause: Callable[[], object]
+    resume: Callable[[], object]
+    stop: Callable[[], object]
+
+
+def _round_trip(session: KernelSession) -> float:
+    t0 = time.perf_counter()
+    session.run("1")
+    return time.perf_counter() - t0
+
+
+def _rounds(session: KernelSession, load: Load) -> tuple[list[float], list[float]]:
+    """ROUNDS pairs of median round trips, idle and loaded, each round under a freshly started load.
+
+    Responsive in every run, not in a good one: the worst round is the figure. This machine's
+    speed drifts from one second to the next by more than the bars allow, so the load is paused
+    for each idle sample and resumed for the loaded one after it: the two medians of a round
+    are taken over the same seconds.
     """
     idles, loaded = [], []
     for _ in range(ROUNDS):
-        idles.append(median_round_trip(session, "1", n=SAMPLES))
-        start()
+        idle, busy = [], []
+        load.start()
         try:
-            loaded.append(median_round_trip(session, "1", n=SAMPLES))
+            for _ in range(SAMPLES):
+                load.pause()
+                idle.append(_round_trip(session))
+                load.resume()
+                busy.append(_round_trip(session))
         finally:
-            stop()
+            load.stop()
+        idles.append(statistics.median(idle))
+        loaded.append(statistics.median(busy))
     return idles, loaded
+
+
+def _thread_gate(session: KernelSession, threads: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Pause and resume for threads running ``_bench_cpu`` in the kernel: they park at its gate."""
+    return (lambda: session.run(f"_bench_pause({threads})"), lambda: session.run("_bench_resume()"))
+
+
+def _process_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def _signal_all(pids: list[int], sig: signal.Signals, stopped: bool, timeout: float = 30) -> None:
+    """Stop or continue `pids`, and wait until the kernel has done it to each."""
+    for pid in pids:
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while (_process_state(pid) in "Tt") != stopped:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process {pid} did not {sig.name[3:].lower()} in {timeout}s")
+            time.sleep(0.0005)
+
+
+def _process_gate(pids: list[int]) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Pause and resume for busy processes: SIGSTOP and SIGCONT."""
+    return (
+        lambda: _signal_all(pids, signal.SIGSTOP, stopped=True),
+        lambda: _signal_all(pids, signal.SIGCONT, stopped=False),
+    )
 
 
 def _worst_round(subject: str, idles: list[float], loaded: list[float], bar: float | None = None) -> Row:
@@ -108,6 +188,11 @@ def _worst_round(subject: str, idles: list[float], loaded: list[float], bar: flo
 def _under_load(session: KernelSession, label: str, mode: str, rows: list[Row]) -> None:
     """The round trip while JOBS busy ``%%bg --mode MODE`` jobs run, against idle (`_rounds`)."""
     started: list[int] = []
+    pids: list[int] = []
+    if mode == "thread":
+        pause, resume = _thread_gate(session, JOBS)
+    else:
+        pause, resume = _process_gate(pids)
 
     def start() -> None:
         first = session.eval("len(jobs)") + 1
@@ -115,13 +200,16 @@ def _under_load(session: KernelSession, label: str, mode: str, rows: list[Row]) 
             session.run(f"%%bg --mode {mode} --name busy\n_bench_cpu()")
         started[:] = range(first, first + JOBS)
         wait_running(session, started)
+        if mode == "process":
+            pids[:] = [session.eval(f"jobs[{job_id}].info['pid']") for job_id in started]
 
     def stop() -> None:
+        resume()
         for job_id in started:
             session.run(f"%job kill {job_id}")
             session.wait_job_end(job_id, timeout=60)
 
-    idles, loaded = _rounds(session, start, stop)
+    idles, loaded = _rounds(session, Load(start, pause, resume, stop))
     rows.append(_worst_round(f"{JOBS} {mode} jobs, {label}", idles, loaded, BARS[mode]))
 
 
@@ -207,23 +295,32 @@ def _stock_under_load(rows: list[Row]) -> None:
             "for _t in _bench_threads: _t.start()"
         )
         stop_threads = "_bench_stop.set()\nfor _t in _bench_threads: _t.join()\n_bench_stop.clear()"
-        idles, loaded = _rounds(
-            session, lambda: session.run(start_threads), lambda: session.run(stop_threads)
-        )
+        pause, resume = _thread_gate(session, JOBS)
+
+        def stop_threads_resumed() -> None:
+            resume()
+            session.run(stop_threads)
+
+        threads = Load(lambda: session.run(start_threads), pause, resume, stop_threads_resumed)
+        idles, loaded = _rounds(session, threads)
         rows.append(_worst_round(f"stock ipykernel, {JOBS} plain threads", idles, loaded))
 
         hogs: list[subprocess.Popen[bytes]] = []
+        pids: list[int] = []
+        pause, resume = _process_gate(pids)
 
         def start_processes() -> None:
             loop = SETUP + "\n_bench_cpu()"
             hogs[:] = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(JOBS)]
+            pids[:] = [hog.pid for hog in hogs]
 
         def stop_processes() -> None:
+            resume()
             for hog in hogs:
                 hog.kill()
                 hog.wait()
 
-        idles, loaded = _rounds(session, start_processes, stop_processes)
+        idles, loaded = _rounds(session, Load(start_processes, pause, resume, stop_processes))
         rows.append(_worst_round(f"floor: stock ipykernel, {JOBS} processes not its own", idles, loaded))
     finally:
         session.close()

@@ -36,10 +36,7 @@ def _timeline(session: KernelSession, n: int) -> dict[str, tuple[float, float]]:
         msg_id = session.execute("1")
         reply = session.reply(msg_id)
         session.wait_idle(msg_id)
-        with session._cond:
-            mine = [m for m in session.messages if m["parent_header"].get("msg_id") == msg_id]
-            session.messages.clear()
-        for msg in [*mine, reply]:
+        for msg in [*session.messages_of(msg_id), reply]:
             kind = msg["msg_type"]
             if kind == "status":
                 kind = msg["content"]["execution_state"]

@@ -83,6 +83,9 @@ class KernelSession:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
         self.messages: list[Msg] = []
+        #: The same messages by the msg_id of their parent: waiting for one cell's idle
+        #: status does not read every message of the session again.
+        self._by_parent: dict[str, list[Msg]] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._reading = threading.Event()
@@ -105,6 +108,7 @@ class KernelSession:
             msg["_received"] = time.monotonic()
             with self._cond:
                 self.messages.append(msg)
+                self._by_parent.setdefault(msg["parent_header"].get("msg_id", ""), []).append(msg)
                 self._cond.notify_all()
 
     @contextmanager
@@ -181,16 +185,22 @@ class KernelSession:
 
     # -- observing ---------------------------------------------------------------------
 
-    def wait_for(self, predicate: Callable[[Msg], bool], timeout: float = 30) -> Msg:
-        """The first iopub message (received so far or later) matching `predicate`."""
+    def wait_for(
+        self, predicate: Callable[[Msg], bool], timeout: float = 30, *, parent: str | None = None
+    ) -> Msg:
+        """The first iopub message (received so far or later) matching `predicate`.
+
+        With `parent`, only the messages whose parent is the request `parent` are read.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             seen = 0
             while True:
-                for msg in self.messages[seen:]:
+                messages = self.messages if parent is None else self._by_parent.get(parent, [])
+                for msg in messages[seen:]:
                     if predicate(msg):
                         return msg
-                seen = len(self.messages)
+                seen = len(messages)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("no matching iopub message")
@@ -198,13 +208,15 @@ class KernelSession:
 
     def wait_idle(self, msg_id: str, timeout: float = 30) -> Msg:
         return self.wait_for(
-            lambda m: (
-                m["msg_type"] == "status"
-                and m["content"]["execution_state"] == "idle"
-                and m["parent_header"].get("msg_id") == msg_id
-            ),
+            lambda m: m["msg_type"] == "status" and m["content"]["execution_state"] == "idle",
             timeout,
+            parent=msg_id,
         )
+
+    def messages_of(self, msg_id: str) -> list[Msg]:
+        """Every iopub message received so far whose parent is the request `msg_id`."""
+        with self._cond:
+            return list(self._by_parent.get(msg_id, []))
 
     def outputs(self, msg_id: str, *, end_lines: bool = False) -> list[Msg]:
         """Output messages (no status, no execute_input) whose parent is `msg_id`.
@@ -212,14 +224,11 @@ class KernelSession:
         Without `end_lines`, not the line that tells a terminal how a job ended: this
         client sends no cell id, so the kernel adds one after each job's last output.
         """
-        with self._cond:
-            return [
-                m
-                for m in self.messages
-                if m["parent_header"].get("msg_id") == msg_id
-                and m["msg_type"] not in ("status", "execute_input")
-                and (end_lines or not is_end_line(m))
-            ]
+        return [
+            m
+            for m in self.messages_of(msg_id)
+            if m["msg_type"] not in ("status", "execute_input") and (end_lines or not is_end_line(m))
+        ]
 
     def text(self, msg_id: str, name: str | None = None, *, end_lines: bool = False) -> str:
         return "".join(
@@ -233,10 +242,10 @@ class KernelSession:
         handle = self.wait_for(
             lambda m: (
                 m["msg_type"] == "display_data"
-                and m["parent_header"].get("msg_id") == msg_id
                 and "polycell-handle" in m["content"]["data"].get("text/html", "")
             ),
             timeout,
+            parent=msg_id,
         )
         return int(handle["content"]["data"]["text/plain"].split()[2])
 
