@@ -137,7 +137,13 @@ def _rounds(session: KernelSession, load: Load) -> tuple[list[float], list[float
 
 def _thread_gate(session: KernelSession, threads: int) -> tuple[Callable[[], object], Callable[[], object]]:
     """Pause and resume for threads running ``_bench_cpu`` in the kernel: they park at its gate."""
-    return (lambda: session.run(f"_bench_pause({threads})"), lambda: session.run("_bench_resume()"))
+
+    def run(code: str) -> None:
+        reply = session.run(code)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"{code}: {reply['content'].get('evalue', reply['content']['status'])}")
+
+    return (lambda: run(f"_bench_pause({threads})"), lambda: run("_bench_resume()"))
 
 
 def _process_state(pid: int) -> str:
@@ -146,7 +152,7 @@ def _process_state(pid: int) -> str:
 
 
 def _signal_all(pids: list[int], sig: signal.Signals, stopped: bool, timeout: float = 30) -> None:
-    """Stop or continue `pids`, and wait until the kernel has done it to each."""
+    """Stop or continue `pids`, and wait until Linux has stopped or continued each (``/proc``)."""
     for pid in pids:
         os.kill(pid, sig)
     deadline = time.monotonic() + timeout
