@@ -19,7 +19,7 @@ LAYERS = {
     2: "routing program_output job_figures rich_output iopub journal_store stored_jobs journal_files "
     "dask_worker",
     3: "extension magics control history_pacing",
-    4: "kernel kernelapp ipykernel_internals out_of_queue iopub_batch shared_socket",
+    4: "kernel kernelapp ipykernel_internals out_of_queue iopub_batch shared_socket zmq_io_threads",
     5: "cli kernel_link kernelspec headless notebook_run papermill_engine __main__ __init__",
 }
 LAYER = {module: layer for layer, names in LAYERS.items() for module in names.split()}

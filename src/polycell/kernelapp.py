@@ -2,8 +2,9 @@
 
 Everything IPKernelApp offers (connection files, ``--debug``, profiles,
 ``--IPKernelApp.*`` options) works unchanged; only the kernel class differs,
-and ipykernel's own threads start with SIGINT blocked, so that the kernel's
-interrupt always wakes the main thread (see `polycell.interrupts`).
+ipykernel's own threads start with SIGINT blocked, so that the kernel's
+interrupt always wakes the main thread (see `polycell.interrupts`), and
+ZeroMQ's I/O threads ask for short time slices (`polycell.zmq_io_threads`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tornado.ioloop import IOLoop
 from traitlets import Type, default
 
 from polycell.interrupts import interrupts_blocked
+from polycell.zmq_io_threads import shorten_io_thread_slices
 
 __all__ = ["PolycellKernelApp", "main"]
 
@@ -44,6 +46,8 @@ class PolycellKernelApp(IPKernelApp):
         self._starting_threads.enter_context(interrupts_blocked())
         super().initialize(argv)
         _log_only_what_is_shown(self.log)
+        # The kernel's sockets exist now, and with them ZeroMQ's I/O threads.
+        self.log.debug("libzmq I/O threads with short time slices: %s", shorten_io_thread_slices())
 
     def start(self) -> None:
         if self.trio_loop:
