@@ -24,7 +24,7 @@ import sys
 import time
 from collections import defaultdict
 
-from harness import POLYCELL_KERNEL, KernelSession, Row, print_rows
+from harness import POLYCELL_KERNEL, KernelSession, Row, print_rows, wait_for_ended_handles
 from polycell.headless import is_end_line
 
 BENCH = "1,000 task + 200 thread cells"
@@ -59,29 +59,6 @@ def _iopub_messages_per_cell(session: KernelSession, sent: dict[str, int]) -> fl
     return round(count / len(sent), 2)
 
 
-def _wait_for_ended_handles(session: KernelSession, sent: dict[str, int], timeout: float = 60) -> None:
-    """Until each cell's job handle says the job ended: polycell sends that after the job's last output.
-
-    A later cell's idle is no such mark: the publisher sends a job's output in batches, on a
-    thread of its own, and may send its last one after a cell that ran meanwhile went idle.
-    """
-    deadline = time.monotonic() + timeout
-    waiting = set(sent)
-    seen = 0
-    with session._cond:
-        while waiting:
-            for msg in session.messages[seen:]:
-                status = msg.get("metadata", {}).get("polycell", {}).get("status")
-                if msg["msg_type"] == "update_display_data" and status in ("done", "failed", "killed"):
-                    waiting.discard(msg["parent_header"].get("msg_id"))
-            seen = len(session.messages)
-            remaining = deadline - time.monotonic()
-            if waiting and remaining <= 0:
-                raise RuntimeError(f"{len(waiting)} job handles never said that their job ended")
-            if waiting:
-                session._cond.wait(remaining)
-
-
 def _polycell() -> Row:
     session = KernelSession(POLYCELL_KERNEL, load_ext=False)
     try:
@@ -89,7 +66,7 @@ def _polycell() -> Row:
         cells = _cells("%%bg --mode task", "%%bg")
         t0 = time.perf_counter()
         sent = {session.execute_in_cell(code, f"cell-{n}"): n for n, code in cells}
-        _wait_for_ended_handles(session, sent, timeout=300)
+        wait_for_ended_handles(session, sent, timeout=300)
         elapsed = time.perf_counter() - t0
         statuses = session.eval("sorted({j.status.value for j in jobs})")
         wrong = _wrong_cells(session, sent)

@@ -14,6 +14,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "median_round_trip",
     "print_rows",
     "stock_kernel_argv",
+    "wait_for_ended_handles",
     "wait_running",
 ]
 
@@ -74,6 +76,32 @@ def wait_running(session: KernelSession, job_ids: range, timeout: float = 30) ->
             if time.monotonic() > deadline:
                 raise RuntimeError(f"busy job {job_id} did not start in {timeout}s")
             time.sleep(0.01)
+
+
+def wait_for_ended_handles(session: KernelSession, sent: Iterable[str], timeout: float = 60) -> None:
+    """Until the handle of the job each cell of `sent` (msg_ids) started says the job ended.
+
+    polycell sends that update after the job's last output, so the client then has every message
+    of those jobs, and none is still queued in the kernel.
+
+    A later cell's idle is no such mark: the publisher sends a job's output in batches, on a
+    thread of its own, and may send its last one after a cell that ran meanwhile went idle.
+    """
+    deadline = time.monotonic() + timeout
+    waiting = set(sent)
+    seen = 0
+    with session._cond:
+        while waiting:
+            for msg in session.messages[seen:]:
+                status = msg.get("metadata", {}).get("polycell", {}).get("status")
+                if msg["msg_type"] == "update_display_data" and status in ("done", "failed", "killed"):
+                    waiting.discard(msg["parent_header"].get("msg_id"))
+            seen = len(session.messages)
+            remaining = deadline - time.monotonic()
+            if waiting and remaining <= 0:
+                raise RuntimeError(f"{len(waiting)} job handles never said that their job ended")
+            if waiting:
+                session._cond.wait(remaining)
 
 
 BG_CELLS, BG_SLEEP = 8, 0.5
