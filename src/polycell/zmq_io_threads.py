@@ -91,8 +91,8 @@ def time_slice(thread_id: int) -> int | None:
 def shorten_io_thread_slices(thread_ids: Iterable[int] | None = None) -> list[int]:
     """Give libzmq's I/O threads (this process's, or `thread_ids`) the shortest time slice.
 
-    Returns the ids it changed. Only threads under the normal policy: one a user put
-    under another (``chrt``) keeps it.
+    Returns the ids Linux took the call for. Only threads under the normal policy: one a
+    user put under another (``chrt``) keeps it.
     """
     call = _syscall(_SCHED_SETATTR)
     if call is None:
