@@ -3,13 +3,14 @@
 The polycell kernel's main thread sends its own iopub messages and replies
 (`polycell.shared_socket`), and then goes on running the cell. ZeroMQ hands a
 sent message to an I/O thread of its own, which writes it to the client's TCP
-connection. Linux (6.6 and later, its EEVDF scheduler) often wakes that thread
-on the CPU where the main thread runs, and lets the running thread finish its
-time slice before a thread it woke may take the CPU. Measured on 2 vCPUs, a
-kernel was then in one of two states for its whole life: its busy status
-reached the client 0.3 ms after it was made, or 1.2–1.8 ms (once the main
-thread had finished the cell), and a trivial cell's round trip went from
-2.5 ms to 3.3 ms.
+connection. Measured on 2 vCPUs, a kernel was in one of two states for its
+whole life: its busy status reached the client 0.3 ms after it was made, or
+1.2–1.8 ms (once the main thread had finished the cell), and a trivial cell's
+round trip went from 2.5 ms to 3.3 ms. Linux (6.6 and later, its EEVDF
+scheduler) can wake that thread on the CPU where the main thread runs, and
+lets the running thread finish its time slice before a thread it woke may take
+the CPU; yielding the CPU after each send removed the delay too, which bears
+that out.
 
 Since Linux 6.12 a thread may ask for a shorter slice (``sched_setattr``'s
 ``sched_runtime``, no privilege needed), and a woken thread with a shorter
