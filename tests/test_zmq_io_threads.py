@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,16 +12,26 @@ import zmq
 from kernel_session import POLYCELL_KERNEL, KernelSession
 from polycell.zmq_io_threads import IO_THREAD_SLICE_NS, io_thread_ids, shorten_io_thread_slices, time_slice
 
+TIMEOUT = 10
+
 
 @pytest.fixture
 def io_thread() -> Iterator[int]:
-    """The I/O thread of a ZeroMQ context of this process's own (it starts with the first socket)."""
+    """The I/O thread of a ZeroMQ context of this process's own (it starts with the first socket).
+
+    The thread names itself once it runs, a moment after the socket is made: until then it
+    has its creator's name.
+    """
     before = set(io_thread_ids())
     context = zmq.Context(io_threads=1)
     socket = context.socket(zmq.PUB)
     socket.bind("tcp://127.0.0.1:*")
     try:
-        (thread,) = set(io_thread_ids()) - before
+        deadline = time.monotonic() + TIMEOUT
+        while not (new := set(io_thread_ids()) - before):
+            assert time.monotonic() < deadline, "no ZMQbg/IO thread: has libzmq renamed its threads?"
+            time.sleep(0.001)
+        (thread,) = new
         yield thread
     finally:
         socket.close(linger=0)
